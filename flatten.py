@@ -47,6 +47,13 @@ _HALF = (torch.float16, torch.bfloat16)
 # Functional core
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     # float16 / bfloat16 attention runs in float32: the kernel's power and the normaliser's
     # reduction overflow or underflow in half precision (the top NaN report of such code).
@@ -59,26 +66,79 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
 
     y = (ReLU(x) + offset) / scale, phi_p(x) = ||y|| * y^p / ||y^p||  (element-wise power).
     With offset=0 and scale=None this is the paper's f_p(ReLU(x)); the defaults of the module
-    (offset 1e-6, scale = softplus(learned)) are the official code's. x: (..., C) -> (..., C),
-    in float32 for half-precision inputs.
+    (offset 1e-6, scale = softplus(learned)) are the official code's. x: (..., C), scale: (C,)
+    or broadcastable -> (..., C), in float32 for half-precision inputs.
 
     Computed through t = y / max(y): y^p / ||y^p|| = t^p / ||t^p|| and ||y|| = max(y) ||t||, so
     nothing overflows for large y and nothing is 0/0 for tokens that ReLU zeroes (||t^p|| >= 1
-    wherever y has a positive entry; an all-zero token maps to zero).
+    wherever y has a positive entry; an all-zero token maps to zero). A hand-written backward
+    (_Focus) saves only x and three numbers per token.
     """
     if focusing_factor <= 0:
         raise ValueError(f"focusing_factor must be > 0, got {focusing_factor}")
-    y = F.relu(x.to(_compute_dtype(x)))
-    if offset:
-        y = y + offset
-    if scale is not None:
-        y = y / scale
-    tiny = torch.finfo(y.dtype).tiny
-    m = y.amax(dim=-1, keepdim=True).clamp_min(tiny)
-    t = y / m
-    tp = t.pow(focusing_factor)
-    norm_y = m * torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    return tp * (norm_y / torch.linalg.vector_norm(tp, dim=-1, keepdim=True).clamp_min(tiny))
+    dt = _compute_dtype(x)
+    if scale is None:
+        scale = torch.ones(x.shape[-1], dtype=dt, device=x.device)
+    return _Focus.apply(x, scale.reshape(-1).to(dt), float(focusing_factor), float(offset), False)
+
+
+def _focus_temporary(x: torch.Tensor, focusing_factor: float, scale: torch.Tensor) -> torch.Tensor:
+    """focus() of a temporary the caller drops: without autograd it is overwritten in place."""
+    inplace = not (torch.is_grad_enabled() and x.requires_grad) and x.dtype == _compute_dtype(x)
+    return _Focus.apply(x, scale.reshape(-1), float(focusing_factor), 1e-6, inplace)
+
+
+class _Focus(torch.autograd.Function):
+    """phi_p with a fused forward (in-place passes) and a derived backward.
+
+    Per token, with y = (ReLU(x) + offset) / s, m = max(y), t = y / m, P = t^p, a = ||y||,
+    b = ||P|| and phi = (a / b) P. For an upstream gradient g and sg = g . P:
+        dL/dy = (p / m) t^(p-1) * ((a / b) g - (sg a / b^3) P) + (sg m / (a b)) t
+    (the terms of d(P)/dy, d(1/b)/dy and d(a)/dy), then dL/dx = dL/dy [x > 0] / s and
+    dL/ds = -sum_tokens dL/dy * y / s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, p, offset, inplace):
+        dt = s.dtype
+        tiny = torch.finfo(dt).tiny
+        y = x.clamp_min_(0) if inplace else torch.clamp_min(x.to(dt), 0)
+        if offset:
+            y.add_(offset)
+        y.div_(s)
+        m = y.amax(dim=-1, keepdim=True).clamp_min_(tiny)
+        t = y.div_(m)
+        a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)
+        P = t.pow_(p) if p != 1 else t
+        b = torch.linalg.vector_norm(P, dim=-1, keepdim=True).clamp_min_(tiny)
+        ctx.save_for_backward(x, s, m, a, b)
+        ctx.p, ctx.offset = p, offset
+        return P.mul_(a / b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, m, a, b = ctx.saved_tensors
+        p, dt = ctx.p, s.dtype
+        g = g.to(dt)
+        y = torch.clamp_min(x.to(dt), 0)
+        if ctx.offset:
+            y.add_(ctx.offset)
+        y.div_(s)
+        t = y / m
+        tp1 = t.pow(p - 1) if p != 2 else t
+        if p < 1:  # t^(p-1) is infinite at t = 0, where [x > 0] zeroes the gradient anyway
+            tp1 = torch.where(t > 0, tp1, torch.zeros_like(tp1))
+        P = tp1 * t
+        sg = (g * P).sum(dim=-1, keepdim=True)
+        a_b = a / b
+        gy = (g * a_b).sub_(P * (sg * a_b / b.square()))
+        gy.mul_(tp1).mul_(p / m)
+        gy.add_(t * (sg * m / (a.clamp_min(torch.finfo(dt).tiny) * b)))
+        gx = gy.div(s).mul_(x > 0) if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = -(gy * y).div_(s).reshape(-1, s.shape[-1]).sum(0)
+        return (gx.to(x.dtype) if gx is not None else None), gs, None, None, None
 
 
 def _check_normalizer(normalizer: str) -> None:
@@ -91,23 +151,60 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     """Linear attention in the O(N d^2) order: out_i = q_i (K^T V / n) / (q_i . mean_j k_j + eps).
 
     q: (B, h, N, d) and k: (B, h, n, d) non-negative features (after the kernel), v: (B, h, n, dv)
-    -> (B, h, N, dv) in v's dtype. normalizer='mean' is the official code since May 2024 (the
-    n^-1 cancels between numerator and normaliser, so only eps feels it); 'sum' is the paper's
-    Eq. 4 and the code the released checkpoints were trained with (out_i = q_i K^T V /
-    (q_i . sum_j k_j + eps)). With eps = 0 the two are identical.
+    -> (B, h, N, dv) in v's dtype. normalizer='mean' is the official code since May 2024; 'sum'
+    is the paper's Eq. 4 and the code the released checkpoints were trained with
+    (out_i = q_i K^T V / (q_i . sum_j k_j + eps)). With eps = 0 the two are identical.
+
+    Computed as (q K^T V) / (q . sum_j k_j + n eps) for 'mean': multiplying numerator and
+    normaliser by n is exact algebra and saves two passes. Strided views (heads split off a
+    (B, N, C) tensor) are used as they are, without copies; the output has the layout of a
+    (B, N, h, dv) tensor, so merging the heads back is free.
     """
     _check_normalizer(normalizer)
-    out_dtype = v.dtype
-    dt = _compute_dtype(q)
+    eps = eps * k.shape[-2] if normalizer == "mean" else eps
     with torch.autocast(q.device.type, enabled=False):
+        out = _LinearAttention.apply(q, k, v, float(eps))    # (B, N, h, dv)
+    return out.to(v.dtype).transpose(1, 2)
+
+
+class _LinearAttention(torch.autograd.Function):
+    """out = (q KV) * r with KV = k^T v, ks = sum_j k_j, r = 1 / (q . ks + eps); per (B, h).
+
+    Backward, for an upstream gradient g (N x dv), with G = g KV^T (N x d):
+        dL/dr_i = q_i . G_i,   dL/dden_i = -r_i^2 dL/dr_i   (den = q . ks + eps)
+        dL/dq   = r G + dL/dden ks^T,    dL/dKV = q^T (r g),   dL/dks = q^T dL/dden
+        dL/dk   = v dL/dKV^T + 1 dL/dks^T,    dL/dv = k dL/dKV
+    Saves q, k, v (which the caller holds anyway) and the small KV, ks, r.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, eps):
+        dt = _compute_dtype(q)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        n = k.shape[-2]
+        B, h, N, _ = q.shape
         kv = k.transpose(-2, -1) @ v                          # (B, h, d, dv)
-        ksum = k.sum(dim=-2, keepdim=True).transpose(-2, -1)  # (B, h, d, 1)
-        if normalizer == "mean":
-            kv, ksum = kv / n, ksum / n
-        out = (q @ kv) / (q @ ksum + eps)                     # (B, h, N, dv)
-    return out.to(out_dtype)
+        ks = k.sum(dim=-2).unsqueeze(-1)                      # (B, h, d, 1)
+        r = (q @ ks).add_(eps).reciprocal_()                  # (B, h, N, 1)
+        ctx.save_for_backward(q, k, v, kv, ks, r)
+        if _is_compiling():  # the compiler picks its own layouts (and rejects out=)
+            return ((q @ kv) * r).transpose(1, 2)
+        # written straight into (B, N, h, dv) memory: merging the heads afterwards is free
+        out = torch.empty(B, N, h, v.shape[-1], dtype=dt, device=q.device)
+        torch.matmul(q, kv, out=out.transpose(1, 2)).mul_(r)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, kv, ks, r = ctx.saved_tensors
+        g = g.to(q.dtype).transpose(1, 2)                     # (B, h, N, dv)
+        G = g @ kv.transpose(-2, -1)                          # (B, h, N, d)
+        gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()
+        gq = G.mul_(r).add_(gden * ks.transpose(-2, -1))
+        gkv = q.transpose(-2, -1) @ (g * r)                   # (B, h, d, dv)
+        gks = q.transpose(-2, -1) @ gden                      # (B, h, d, 1)
+        gk = (v @ gkv.transpose(-2, -1)).add_(gks.transpose(-2, -1))
+        gv = k @ gkv
+        return gq, gk, gv, None
 
 
 def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
@@ -263,7 +360,7 @@ class FocusedLinearAttention(nn.Module):
         return resample_grid(self.positional_encoding, self.key_grid(*self.grid_size), (kh, kw),
                              self.num_prefix_tokens)
 
-    def _keys_values(self, x: torch.Tensor, H: int, W: int):
+    def _keys_values(self, x: torch.Tensor, H: int, W: int, split: bool = True):
         """k, v (B, n, C) and the key grid; with sr_ratio > 1 from the reduced tokens."""
         B, N, C = x.shape
         if self.sr_ratio > 1:
@@ -272,7 +369,13 @@ class FocusedLinearAttention(nn.Module):
             x = self.norm(x_.flatten(2).transpose(1, 2))
         else:
             kh, kw = H, W
-        k, v = self.kv(x).chunk(2, dim=-1)
+        if split:  # two GEMMs on the halves of the kv weight: k and v come out contiguous
+            C = self.dim
+            w, b = self.kv.weight, self.kv.bias
+            k = F.linear(x, w[:C], None if b is None else b[:C])
+            v = F.linear(x, w[C:], None if b is None else b[C:])
+        else:
+            k, v = self.kv(x).chunk(2, dim=-1)
         return k, v, kh, kw
 
     def _dwc(self, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -301,15 +404,14 @@ class FocusedLinearAttention(nn.Module):
         B, N, C = x.shape
         q = self.q(x)
         k, v, kh, kw = self._keys_values(x, H, W)
-        k = k + self._positional_encoding(kh, kw)
-        scale = F.softplus(self.scale)
-        q = focus(q, self.focusing_factor, scale)  # norms over all C channels, before the head split
-        k = focus(k, self.focusing_factor, scale)
-        q, k, vh = (t.reshape(B, -1, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, *, d)
-        out = linear_attention(q, k, vh, normalizer=self.normalizer)                 # (B, h, N, d)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        dwc = self._dwc(v[:, P:], H, W)
-        out = torch.cat([out[:, :P], out[:, P:] + dwc], dim=1) if P else out + dwc
+        k = k.add_(self._positional_encoding(kh, kw))
+        scale = F.softplus(self.scale).to(_compute_dtype(q))
+        q = _focus_temporary(q, self.focusing_factor, scale)  # norms over all C channels,
+        k = _focus_temporary(k, self.focusing_factor, scale)  # before the head split
+        q, k, vh = (t.view(B, -1, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, *, d) views
+        out = linear_attention(q, k, vh, normalizer=self.normalizer)              # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, N, C)                                # a view
+        out[:, P:] += self._dwc(v[:, P:], H, W)                                   # no DWC for class tokens
         return self.proj_drop(self.proj(out))
 
 
@@ -320,13 +422,13 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
     The baseline bench.py measures our speed against, and a second reference for the tests.
     The official order of operations (power without rescaling, n^-1/2 on both K^T and V, a
     (B*h, d, H, W) copy of v for the DWC) and the official precision (none raised). It uses the
-    layer's positional encoding resampled to H x W, so it runs at any size; sr_ratio any,
-    no class tokens.
+    layer's positional encoding resampled to H x W, so it runs at any size; sr_ratio any; class
+    tokens (num_prefix_tokens) as in FocusedLinearAttention: in the attention, not in the DWC.
     """
     B, N, C = x.shape
     h, p = layer.num_heads, layer.focusing_factor
     q = layer.q(x)
-    k, v, kh, kw = layer._keys_values(x, H, W)
+    k, v, kh, kw = layer._keys_values(x, H, W, split=False)
     n = k.shape[1]
     k = k + layer._positional_encoding(kh, kw)
     scale = F.softplus(layer.scale)
@@ -351,8 +453,11 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
     if layer.sr_ratio > 1:
         v = F.interpolate(v.transpose(-2, -1).reshape(B * h, -1, n), size=N, mode="linear")
         v = v.reshape(B, h, -1, N).transpose(-2, -1)
-    fmap = v.transpose(-2, -1).reshape(B * h, -1, H, W)
-    fmap = layer.dwc(fmap).reshape(B, h, -1, N).transpose(-2, -1)
+    P = layer.num_prefix_tokens
+    fmap = v[:, :, P:].transpose(-2, -1).reshape(B * h, -1, H, W)
+    fmap = layer.dwc(fmap).reshape(B, h, -1, H * W).transpose(-2, -1)
+    if P:
+        fmap = torch.cat([torch.zeros_like(out[:, :, :P]), fmap], dim=2)
     out = (out + fmap).transpose(1, 2).reshape(B, N, C)
     return layer.proj_drop(layer.proj(out))
 

@@ -590,3 +590,62 @@ def test_compile_inductor():
     x = seeded(2, 64, 32)
     with torch.no_grad():
         assert_close(compiled(x, 8, 8), m(x, 8, 8), "inductor")
+
+
+# -----------------------------------------------------------------------------
+# The fast path: hand-written backward passes, in-place inference, layouts
+
+
+@pytest.mark.parametrize("p", [3.0, 1.0, 2.0, 0.5, 4.5])
+@pytest.mark.parametrize("offset", [1e-6, 0.0])
+def test_focus_gradcheck(p, offset):
+    x = seeded(3, 4, 6, seed=20, dtype=torch.float64).requires_grad_()
+    s = (torch.rand(6, generator=torch.Generator().manual_seed(21), dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, s: fl.focus(x, p, s, offset), (x, s)), f"p={p} offset={offset}"
+
+
+def test_focus_equals_the_formula():
+    x = seeded(5, 7, 16, seed=22, dtype=torch.float64)
+    s = torch.rand(16, generator=torch.Generator().manual_seed(23), dtype=torch.float64) + 0.3
+    y = (F.relu(x) + 1e-6) / s
+    ref = y ** 3 / (y ** 3).norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True)
+    assert_close(fl.focus(x, 3, s), ref, "focus vs its formula", 1e-13, 1e-15)
+
+
+@pytest.mark.parametrize("normalizer", ["mean", "sum"])
+def test_linear_attention_gradcheck(normalizer):
+    g = torch.Generator().manual_seed(24)
+    q = (torch.rand(2, 3, 7, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    k = (torch.rand(2, 3, 5, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    v = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v: fl.linear_attention(q, k, v, normalizer=normalizer), (q, k, v))
+
+
+@pytest.mark.parametrize("P,sr", [(0, 1), (1, 1), (0, 2)])
+def test_module_gradients_equal_official_autograd(P, sr):
+    """Our hand-written backward against autograd through the official formulation."""
+    m = randomize(fl.FocusedLinearAttention(24, 64, 3, qkv_bias=True, sr_ratio=sr, num_prefix_tokens=P), std=0.3).double()
+    x = seeded(2, P + 64, 24, seed=25, dtype=torch.float64).requires_grad_()
+    grads = []
+    for fn in (m, lambda x, H, W: fl.official_forward(m, x, H, W)):
+        m.zero_grad()
+        x.grad = None
+        fn(x, 8, 8).square().sum().backward()
+        grads.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}})
+    for name in grads[1]:
+        assert_close(grads[0][name], grads[1][name], f"grad of {name} (P={P}, sr={sr})", 1e-9, 1e-11)
+
+
+def test_module_gradcheck():
+    m = randomize(fl.FocusedLinearAttention(12, 9, 2, qkv_bias=True, kernel_size=3, num_prefix_tokens=1), std=0.3).double()
+    x = seeded(1, 10, 12, seed=26, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: m(x, 3, 3), (x,))
+
+
+def test_inference_path_equals_training_path():
+    """Without autograd the kernel works in place on temporaries: same numbers."""
+    m = randomize(fl.FocusedLinearAttention(32, 64, 4, qkv_bias=True, num_prefix_tokens=1))
+    x = seeded(2, 65, 32, seed=27)
+    with torch.no_grad():
+        fast = m(x, 8, 8)
+    assert torch.equal(fast, m(x, 8, 8).detach())
