@@ -1,0 +1,304 @@
+"""Tests of bench.py: the command end to end with tiny settings, its JSON and CSV, its errors,
+skips, OOM and Ctrl-C handling, the CPU peak-memory measurement, and the analytic FLOP formulas
+against torch.utils.flop_counter. No test asserts anything about wall-clock times.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import flatten as fl
+
+HERE = Path(__file__).parent
+# the smallest useful run: one timed call per cell, no minimum time, no budgets; one thread, as
+# two threads crawl when other processes compete for this 2-core machine (each op waits for both)
+TINY = ["--repeats", "1", "--max-repeats", "1", "--min-time", "0", "--warmup", "1", "--threads", "1",
+        "--cell-budget", "0", "--time-budget", "0"]
+
+
+def run_command(*args, timeout=120):
+    return subprocess.run([sys.executable, str(HERE / "bench.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """bench.main in-process at r = 40 (not a multiple of 16): layers of both shapes, one model pair."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--resolutions", "40", "--models", "flatten_deit_tiny", "deit_tiny",
+            "--json", str(out / "r.json"), "--csv", str(out / "r.csv"), *TINY]
+    code = bench.main(argv)
+    return code, json.loads((out / "r.json").read_text()), list(csv.DictReader(open(out / "r.csv")))
+
+
+# -----------------------------------------------------------------------------
+# The command end to end
+
+
+@pytest.mark.slow
+def test_command_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    res = run_command("--resolutions", "32", "--sections", "layers", "--shapes", "pvt",
+                      "--methods", "sdpa", "ours", "official", "--json", str(out), *TINY)
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    first = res.stdout.splitlines()[0]
+    for fact in ("device:", f"torch {torch.__version__}", "dtype float32", "threads", "batch size 1"):
+        assert fact in first, f"header line {first!r} lacks {fact!r}"
+    assert "focused linear (ours)" in res.stdout and "vs official" in res.stdout, res.stdout
+    assert "[  1/6" in res.stderr, f"no progress on stderr: {res.stderr[-1000:]}"
+    assert "Traceback" not in res.stderr, res.stderr
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["layers"]] == ["sdpa", "ours", "official"]
+    assert all(r["fwd"]["status"] == "ok" for r in data["layers"]), data["layers"]
+
+
+def test_json_layout(tiny_run):
+    code, data, _ = tiny_run
+    assert code == 0
+    assert set(data) == {"header", "interrupted", "elapsed_s", "layers", "models"}
+    assert data["interrupted"] is False
+    for key in ("device", "device_name", "torch", "dtype", "threads", "batch_size", "timer", "memory"):
+        assert key in data["header"], f"header lacks {key}"
+    assert data["header"]["torch"] == torch.__version__ and data["header"]["dtype"] == "float32"
+    layers = data["layers"]
+    assert {(r["shape"], r["method"]) for r in layers} == \
+        {(s, m) for s in bench.SHAPES for m in bench.METHODS}, "one row per shape x method"
+    for r in layers:
+        for key in ("resolution", "grid", "tokens", "gmacs", "backend", "vs_sdpa_fwd", "vs_sdpa_fwdbwd",
+                    "vs_official_fwd", "vs_official_fwdbwd", "fwd", "fwdbwd"):
+            assert key in r, f"layer row {r['shape']}/{r['method']} lacks {key}"
+        for mode in ("fwd", "fwdbwd"):
+            cell = r[mode]
+            assert cell["status"] == "ok", f"{r['shape']}/{r['method']} {mode}: {cell}"
+            assert cell["repeats"] == len(cell["times_ms"]) == 1
+            assert cell["q1_ms"] <= cell["median_ms"] <= cell["q3_ms"]
+            assert cell["peak_mib"] is not None and cell["peak_mib"] > 0, f"{r['method']} {mode} peak"
+    models = data["models"]
+    assert [m["model"] for m in models] == ["flatten_deit_tiny", "deit_tiny"]
+    for m in models:
+        assert m["params"] > 0 and m["gmacs"] > 0 and m["images_per_s"] > 0
+        assert m["fwd"]["status"] == m["train"]["status"] == "ok", m
+    assert models[0]["vs_softmax_fwd"] is not None and models[1]["vs_softmax_fwd"] is None
+
+
+def test_grid_of_a_resolution_that_is_not_a_multiple_of_the_patch(tiny_run):
+    _, data, _ = tiny_run
+    rows = {(r["shape"], r["method"]): r for r in data["layers"]}
+    assert rows["deit", "ours"]["grid"] == [2, 2] and rows["deit", "ours"]["tokens"] == 5, "40 // 16 = 2, + cls"
+    assert rows["deit", "official"]["tokens"] == 4, "official_forward runs without the class token"
+    assert rows["pvt", "ours"]["grid"] == [10, 10] and rows["pvt", "ours"]["tokens"] == 100
+
+
+def test_layer_ratios_are_time_ratios_of_the_same_run(tiny_run):
+    _, data, _ = tiny_run
+    for shape in bench.SHAPES:
+        rows = {r["method"]: r for r in data["layers"] if r["shape"] == shape}
+        for method, r in rows.items():
+            for ref in ("sdpa", "official"):
+                for mode in ("fwd", "fwdbwd"):
+                    want = rows[ref][mode]["median_ms"] / r[mode]["median_ms"]
+                    assert r[f"vs_{ref}_{mode}"] == pytest.approx(want), f"{shape}/{method} vs {ref} {mode}"
+
+
+def test_csv_has_one_line_per_cell_with_the_header_facts(tiny_run):
+    _, data, lines = tiny_run
+    assert len(lines) == 2 * (len(data["layers"]) + len(data["models"]))
+    for line in lines:
+        assert line["device"] == "cpu" and line["torch"] == torch.__version__ and line["dtype"] == "float32"
+        assert line["status"] == "ok" and float(line["median_ms"]) > 0, line
+
+
+# -----------------------------------------------------------------------------
+# Errors: one line on stderr, exit status 2, no traceback
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--resolutions", "0"], "positive"),
+    (["--resolutions", "-224"], "positive"),
+    (["--resolutions", "abc"], "whole number"),
+    (["--resolutions", "16"], "too small"),
+    (["--dtype", "float8"], "invalid choice"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--batch-size", "0"], "positive"),
+    (["--json", "no/such/folder/r.json"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, f"{argv}: exit {exc.value.code}"
+    assert len(err.strip().splitlines()) == 1 and needle in err, f"{argv}: {err!r}"
+
+
+def test_cuda_without_a_gpu_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "CUDA" in err, err
+
+
+def test_plot_without_matplotlib_exits_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--plot", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "matplotlib" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_command_error_has_no_traceback():
+    res = run_command("--resolutions", "224", "abc")
+    assert res.returncode == 2, res
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+# -----------------------------------------------------------------------------
+# Skips, OOM, Ctrl-C
+
+
+def small_args(*extra):
+    return bench.parse_args(["--resolutions", "32", *TINY, *extra])
+
+
+def test_cell_over_the_memory_estimate_is_skipped_before_it_starts(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "free_memory", lambda device: 100 * 2 ** 10)  # 100 KiB "free"
+    called = []
+    runner = bench.Runner(small_args(), torch.device("cpu"), 1, log=lambda m: None)
+    row = bench.Row("layers", "explicit", "x", "pvt", 32, (8, 8), 64, 10, bench.LAYER_MODES)
+    runner.run_group([bench.Case(row, "fwd", lambda: called.append(1), est_s=0.001, est_bytes=2 ** 20)])
+    cell = row.cells["fwd"]
+    assert cell.status == "skipped" and "needs ~1.0 MiB" in cell.reason, cell
+    assert not called, "a skipped cell must not run at all"
+
+
+def test_cell_over_the_time_budget_is_skipped_with_its_estimate():
+    args = small_args()
+    args.cell_budget = 1.0
+    runner = bench.Runner(args, torch.device("cpu"), 1, log=lambda m: None)
+    row = bench.Row("layers", "sdpa", "x", "pvt", 32, (8, 8), 64, 10, bench.LAYER_MODES)
+    runner.run_group([bench.Case(row, "fwd", lambda: None, est_s=7.4)])
+    assert row.cells["fwd"].status == "skipped" and "~7.4 s per call" in row.cells["fwd"].reason
+
+
+def test_later_resolutions_extrapolate_from_earlier_ones():
+    runner = bench.Runner(small_args(), torch.device("cpu"), 1, log=lambda m: None)
+    small = bench.Row("layers", "sdpa", "x", "pvt", 224, (56, 56), 3136, 100, bench.LAYER_MODES)
+    runner.history[("pvt", "sdpa", "fwd")] = (100, 0.5)
+    big = bench.Row("layers", "sdpa", "x", "pvt", 512, (128, 128), 16384, 1600, bench.LAYER_MODES)
+    assert runner.estimate_s(big, "fwd", "fwd") == pytest.approx(8.0), "0.5 s x 16 times the MACs"
+    assert small.macs == 100
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+])
+def test_out_of_memory_is_a_result_and_the_run_goes_on(error):
+    runner = bench.Runner(small_args(), torch.device("cpu"), 2, log=lambda m: None)
+    bad = bench.Row("layers", "explicit", "x", "pvt", 32, (8, 8), 64, 10, bench.LAYER_MODES)
+    good = bench.Row("layers", "ours", "x", "pvt", 32, (8, 8), 64, 10, bench.LAYER_MODES)
+
+    def boom():
+        raise error
+
+    runner.run_group([bench.Case(bad, "fwd", boom), bench.Case(good, "fwd", lambda: torch.ones(4))])
+    assert bad.cells["fwd"].status == "oom", bad.cells["fwd"]
+    assert good.cells["fwd"].status == "ok", good.cells["fwd"]
+
+
+def test_ctrl_c_prints_and_saves_what_was_measured(monkeypatch, tmp_path, capsys):
+    calls = {"n": 0}
+    real = bench.time_call
+
+    def interrupted_later(fn, device):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise KeyboardInterrupt
+        return real(fn, device)
+
+    monkeypatch.setattr(bench, "time_call", interrupted_later)
+    path = tmp_path / "r.json"
+    code = bench.main(["--resolutions", "32", "--sections", "layers", "--json", str(path), *TINY])
+    assert code == 130
+    data = json.loads(path.read_text())
+    assert data["interrupted"] is True
+    status = [r[m]["status"] for r in data["layers"] for m in ("fwd", "fwdbwd")]
+    assert "ok" in status and "interrupted" in status, status
+    assert "not run" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# The measurements themselves
+
+
+def test_cpu_peak_memory_follows_allocations_and_frees():
+    def work():
+        a = torch.empty(2 * 2 ** 20, dtype=torch.uint8)  # 2 MiB
+        b = torch.empty(2 ** 20, dtype=torch.uint8)      # 1 MiB: peak 3 MiB
+        del a, b
+        return torch.empty(2 ** 19, dtype=torch.uint8)   # 0.5 MiB, kept
+
+    peak, _ = bench.peak_memory(work, torch.device("cpu"))
+    assert peak == 3 * 2 ** 20, f"peak {peak} bytes, expected 3 MiB"
+
+
+def test_sdpa_backend_is_read_from_the_ops_that_ran():
+    layer = fl.SoftmaxAttention(64, 2, qkv_bias=True).eval()
+    x = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        _, names = bench.peak_memory(lambda: layer(x, 4, 4), torch.device("cpu"), op_names=True)
+    backend = bench.sdpa_backend(names)
+    assert backend is not None and backend != "math", f"ops: {sorted(set(names))[:20]}"
+    assert bench.sdpa_backend(["aten::mm"]) is None
+
+
+# -----------------------------------------------------------------------------
+# The analytic FLOP formulas against torch.utils.flop_counter
+
+
+def counted_macs(fn):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() // 2  # the counter counts a multiply-add as 2 FLOPs
+
+
+@pytest.mark.parametrize("method", ["sdpa", "explicit", "ours", "official", "vanilla", "l2vit"])
+@pytest.mark.parametrize("B, C, heads, prefix, grid", [(2, 48, 3, 1, (3, 5)), (1, 64, 1, 0, (4, 4))])
+def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
+    """The counter does not count the CPU scaled_dot_product_attention kernel, so the 'sdpa' formula
+    is checked on the same layer's explicit path (fused=False): the same matmuls, written out."""
+    shape = bench.LayerShape("t", "t", 1, C, heads, prefix)
+    P = 0 if method == "official" else prefix
+    layer = bench.build_layer(method, shape, grid).eval()
+    if method == "sdpa":
+        layer.fused = False
+    H, W = grid
+    x = torch.randn(B, P + H * W, C)
+    if method == "official":
+        fn = lambda: fl.official_forward(layer, x, H, W)  # noqa: E731
+    else:
+        fn = lambda: layer(x, H, W)  # noqa: E731
+    want = bench.layer_macs(method, B, P + H * W, C, heads, H * W)
+    got = counted_macs(fn)
+    assert got == want, f"{method} B={B} C={C} heads={heads} prefix={P} grid={grid}: counter {got}, formula {want}"
+
+
+def test_layer_macs_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.layer_macs("flash", 1, 16, 64, 1, 16)
+
+
+@pytest.mark.slow
+def test_model_macs_match_the_facts_table():
+    """FACTS.md: flatten_pvt_tiny has 2.037 GFLOPs (multiply-adds) at 224 x 224."""
+    model = fl.create_model("flatten_pvt_tiny")
+    assert round(bench.model_macs(model, 1, 224) / 1e9, 3) == 2.037
