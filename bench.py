@@ -16,8 +16,8 @@ What it measures, at every resolution r (image r x r):
    - sdpa:     softmax through F.scaled_dot_product_attention (the backend it used is named);
    - explicit: softmax with the explicit N x N matrix;
    - ours:     focused linear attention, FocusedLinearAttention.forward (flatten.py);
-   - official: the official formulation op by op (flatten.official_forward) on the same weights.
-               It has no class token, so in the deit shape it runs on the N - 1 patch tokens;
+   - official: the official formulation op by op (flatten.official_forward), on a layer with the
+               same weights as ours (class token as ours: in the attention, not in the DWC);
    - vanilla:  linear attention with a ReLU kernel, no focusing, no DWC (the paper's Table 4);
    - l2vit:    L^2ViT's linear attention with its local concentration module.
 2. Whole models: FLatten-PVT-T against PVT-T (softmax with spatial reduction) and FLatten-DeiT-T
@@ -72,7 +72,6 @@ import argparse
 import csv
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -233,7 +232,6 @@ class Row:
     cells: Dict[str, Measurement] = field(default_factory=dict)
     params: Optional[int] = None
     backend: Optional[str] = None
-    note: str = ""
 
     def __post_init__(self):
         for m in self.modes:
@@ -505,12 +503,15 @@ class Runner:
         self.log(f"[{self.done:3d}/{self.total} {self.elapsed():5.0f}s] {what}: {res}")
 
     def _fail(self, case: Case, err: BaseException) -> None:
-        """Record an OOM or a runtime error of one case and free what it held."""
+        """Record an OOM or a runtime error (an op this device or dtype lacks) of one case."""
         if is_oom(err):
             case.cell.status, case.cell.reason = "oom", "out of memory: " + _first_line(err)
         else:
             case.cell.status, case.cell.reason = "error", f"{type(err).__name__}: {_first_line(err)}"
         case.cell.times_s = []
+
+    def _free(self) -> None:
+        """After a failed call, once its exception (and the tensors its frames hold) is gone."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -545,6 +546,8 @@ class Runner:
                     case.row.backend = sdpa_backend(names) or case.row.backend
             except (RuntimeError, NotImplementedError) as err:  # OOM or an op this device/dtype lacks
                 self._fail(case, err)
+            if case.cell.status in ("oom", "error"):
+                self._free()
                 self._progress(case)
                 continue
             active.append(case)
@@ -554,6 +557,8 @@ class Runner:
                     case.cell.times_s.append(time_call(case.fn, dev))
                 except (RuntimeError, NotImplementedError) as err:
                     self._fail(case, err)
+                if case.cell.status in ("oom", "error"):
+                    self._free()
                     active.remove(case)
                     self._progress(case)
                     continue
@@ -595,8 +600,6 @@ def build_layer(method: str, shape: LayerShape, grid: Tuple[int, int]) -> nn.Mod
     if method in ("sdpa", "explicit"):
         return fl.SoftmaxAttention(C, h, qkv_bias=True, fused=method == "sdpa", num_prefix_tokens=P)
     if method in ("ours", "official"):
-        # official_forward takes no class tokens: the official method gets a layer without one
-        P = 0 if method == "official" else P
         return fl.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid, num_prefix_tokens=P)
     if method == "vanilla":
         return fl.VanillaLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
@@ -623,7 +626,6 @@ def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, shape.prefix + H * W, shape.dim, generator=g).to(device, dtype)
     if method == "official":
-        x = x[:, shape.prefix:].contiguous()  # the patch tokens of the same input
         forward = lambda t: fl.official_forward(layer, t, H, W)  # noqa: E731
     else:
         forward = lambda t: layer(t, H, W)  # noqa: E731
@@ -771,13 +773,10 @@ def plan_rows(args) -> List[Row]:
                 shape = SHAPES[shape_name]
                 grid = shape.grid(r)
                 G = grid[0] * grid[1]
+                N = shape.prefix + G
                 for method in args.methods:
-                    P = 0 if method == "official" else shape.prefix
-                    note = ("official_forward takes no class token: it runs on the N - 1 patch tokens"
-                            if method == "official" and shape.prefix else "")
-                    rows.append(Row("layers", method, METHODS[method], shape_name, r, grid, P + G,
-                                    layer_macs(method, B, P + G, shape.dim, shape.heads, G),
-                                    LAYER_MODES, note=note))
+                    rows.append(Row("layers", method, METHODS[method], shape_name, r, grid, N,
+                                    layer_macs(method, B, N, shape.dim, shape.heads, G), LAYER_MODES))
     if "models" in args.sections:
         for r in args.resolutions:
             for name in args.models:
@@ -875,14 +874,15 @@ def _notes(rows: Sequence[Row]) -> List[str]:
 
 def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
     from tabulate import tabulate
-    out = [header_line(facts), ""]
+    out = [header_line(facts),
+           f"timing: median (IQR) of per-call times, {facts['timer']}; peak memory: {facts['memory']}", ""]
     for shape_name in dict.fromkeys(r.group for r in rows if r.section == "layers"):
         shape = SHAPES[shape_name]
         sel = [r for r in rows if r.section == "layers" and r.group == shape_name]
         table = []
         for row in sel:
             ratios = layer_ratios(rows, row)
-            label = row.label + (f" [{row.backend}]" if row.backend else "") + (" *" if row.note else "")
+            label = row.label + (f" [{row.backend}]" if row.backend else "")
             table.append([row.resolution, row.tokens, label, _cell_text(row.cells["fwd"]),
                           _cell_text(row.cells["fwdbwd"]), _mem_text(row.cells["fwd"]),
                           _mem_text(row.cells["fwdbwd"]), _num(row.macs / 1e9),
@@ -892,8 +892,6 @@ def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
         out.append(tabulate(table, headers=["r", "N", "method", "fwd ms (IQR)", "fwd+bwd ms (IQR)",
                                             "fwd MiB", "fwd+bwd MiB", "GMAC", "vs SDPA", "vs official"],
                             tablefmt=tablefmt, disable_numparse=True))
-        if any(r.note for r in sel):
-            out.append("* " + next(r.note for r in sel if r.note))
         notes = _notes(sel)
         if notes:
             out.append("Not measured:")
@@ -937,7 +935,7 @@ def to_json(rows: Sequence[Row], facts: dict, interrupted: bool, elapsed: float)
              "gmacs": None if row.macs is None else row.macs / 1e9}
         if row.section == "layers":
             d = {"shape": row.group, "method": row.name, "label": row.label, **d,
-                 "backend": row.backend, "note": row.note or None, **layer_ratios(rows, row)}
+                 "backend": row.backend, **layer_ratios(rows, row)}
         else:
             fwd = row.time_s("fwd")
             d = {"model": row.name, **d, "params": row.params,
@@ -994,6 +992,7 @@ def write_plot(path: str, rows: Sequence[Row], facts: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     shapes = list(dict.fromkeys(r.group for r in rows if r.section == "layers"))
     if not shapes:
         return
@@ -1016,6 +1015,9 @@ def write_plot(path: str, rows: Sequence[Row], facts: dict) -> None:
         for ax, ylabel in ((ax_t, "ms per call (median)"), (ax_m, "peak MiB above baseline")):
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("tokens N")
             ax.set_ylabel(ylabel)
             ax.set_title(SHAPES[shape_name].title, fontsize=9)
@@ -1149,10 +1151,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # kineto (the CPU memory profiler) logs every start and stop on stderr unless told not to
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     for r in args.resolutions:
-        odd = [s for s in (16, 4) if r % s]
-        if odd and ("layers" in args.sections or "models" in args.sections):
-            log(f"note: {r} is not a multiple of {odd[0]}: the patch embeddings drop the last "
-                f"{r % odd[0]} pixels (grid {r // odd[0]}x{r // odd[0]} for patch {odd[0]})")
+        for patch in (16, 4):  # DeiT, then PVT stage 1
+            if r % patch:
+                log(f"note: {r} is not a multiple of {patch}: a patch-{patch} embedding drops the last "
+                    f"{r % patch} pixels (grid {r // patch}x{r // patch})")
     facts = header_facts(args, device)
     rows = plan_rows(args)
     total = sum(len(r.modes) for r in rows)

@@ -92,7 +92,7 @@ def test_grid_of_a_resolution_that_is_not_a_multiple_of_the_patch(tiny_run):
     _, data, _ = tiny_run
     rows = {(r["shape"], r["method"]): r for r in data["layers"]}
     assert rows["deit", "ours"]["grid"] == [2, 2] and rows["deit", "ours"]["tokens"] == 5, "40 // 16 = 2, + cls"
-    assert rows["deit", "official"]["tokens"] == 4, "official_forward runs without the class token"
+    assert rows["deit", "official"]["tokens"] == 5, "official_forward takes the class token too"
     assert rows["pvt", "ours"]["grid"] == [10, 10] and rows["pvt", "ours"]["tokens"] == 100
 
 
@@ -151,6 +151,14 @@ def test_plot_without_matplotlib_exits_2(monkeypatch, capsys, tmp_path):
         bench.main(["--plot", str(tmp_path / "p.png")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "matplotlib" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "p.png"
+    code = bench.main(["--resolutions", "32", "64", "--sections", "layers", "--methods", "sdpa", "ours",
+                       "--plot", str(path), *TINY])
+    assert code == 0 and path.stat().st_size > 10_000, "a PNG with two panels per layer shape"
 
 
 @pytest.mark.slow
@@ -277,7 +285,7 @@ def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
     """The counter does not count the CPU scaled_dot_product_attention kernel, so the 'sdpa' formula
     is checked on the same layer's explicit path (fused=False): the same matmuls, written out."""
     shape = bench.LayerShape("t", "t", 1, C, heads, prefix)
-    P = 0 if method == "official" else prefix
+    P = prefix
     layer = bench.build_layer(method, shape, grid).eval()
     if method == "sdpa":
         layer.fused = False
