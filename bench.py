@@ -863,12 +863,23 @@ def _pair(a: Optional[float], b: Optional[float]) -> str:
 
 
 def _notes(rows: Sequence[Row]) -> List[str]:
-    notes = []
-    for row in rows:
-        for mode, cell in row.cells.items():
-            if not cell.ok and cell.status != "pending":
-                what = f"r={row.resolution} {row.label} {MODE_TITLES[mode]}"
-                notes.append(f"  {what}: {cell.status}" + (f" ({cell.reason})" if cell.reason else ""))
+    """Why each cell that was not measured was not: one line per cell, or per reason when the
+    same reason (a used-up time budget, an interruption) holds for several."""
+    cells = [(row, mode, cell) for row in rows for mode, cell in row.cells.items()
+             if not cell.ok and cell.status != "pending"]
+    counts: Dict[Tuple[str, str], int] = {}
+    for _, _, cell in cells:
+        counts[cell.status, cell.reason] = counts.get((cell.status, cell.reason), 0) + 1
+    notes, done = [], set()
+    for row, mode, cell in cells:
+        key = (cell.status, cell.reason)
+        if counts[key] > 2:
+            if key not in done:
+                done.add(key)
+                notes.append(f"  {counts[key]} cells: {cell.status}" + (f" ({cell.reason})" if cell.reason else ""))
+            continue
+        what = f"r={row.resolution} {row.label} {MODE_TITLES[mode]}"
+        notes.append(f"  {what}: {cell.status}" + (f" ({cell.reason})" if cell.reason else ""))
     return notes
 
 
