@@ -183,8 +183,9 @@ class _LinearAttention(torch.autograd.Function):
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         B, h, N, _ = q.shape
         kv = k.transpose(-2, -1) @ v                          # (B, h, d, dv)
-        ks = k.sum(dim=-2).unsqueeze(-1)                      # (B, h, d, 1)
-        r = (q @ ks).add_(eps).reciprocal_()                  # (B, h, N, 1)
+        ks = k.sum(dim=-2)                                    # (B, h, d)
+        # einsum, not q @ ks[..., None]: a batched matrix-vector bmm is several times slower on CPU
+        r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_().unsqueeze(-1)  # (B, h, N, 1)
         ctx.save_for_backward(q, k, v, kv, ks, r)
         if _is_compiling():  # the compiler picks its own layouts (and rejects out=)
             return ((q @ kv) * r).transpose(1, 2)
@@ -198,11 +199,11 @@ class _LinearAttention(torch.autograd.Function):
         q, k, v, kv, ks, r = ctx.saved_tensors
         g = g.to(q.dtype).transpose(1, 2)                     # (B, h, N, dv)
         G = g @ kv.transpose(-2, -1)                          # (B, h, N, d)
-        gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()
-        gq = G.mul_(r).add_(gden * ks.transpose(-2, -1))
+        gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()    # (B, h, N, 1)
+        gq = G.mul_(r).add_(gden * ks.unsqueeze(-2))
         gkv = q.transpose(-2, -1) @ (g * r)                   # (B, h, d, dv)
-        gks = q.transpose(-2, -1) @ gden                      # (B, h, d, 1)
-        gk = (v @ gkv.transpose(-2, -1)).add_(gks.transpose(-2, -1))
+        gks = torch.einsum("bhnd,bhn->bhd", q, gden.squeeze(-1))
+        gk = (v @ gkv.transpose(-2, -1)).add_(gks.unsqueeze(-2))
         gv = k @ gkv
         return gq, gk, gv, None
 
