@@ -841,6 +841,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+def _busy(facts: dict) -> bool:
+    loads = [facts.get("load_average_1min"), facts.get("load_average_1min_end")]
+    return any(x is not None and x >= facts["cpus"] for x in loads)
+
+
 def header_line(facts: dict) -> str:
     return (f"device: {facts['device_name']} ({facts['device']}) | torch {facts['torch']} | "
             f"dtype {facts['dtype']} | threads {facts['threads']} | batch size {facts['batch_size']}")
@@ -898,7 +903,12 @@ def _notes(rows: Sequence[Row]) -> List[str]:
 def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
     from tabulate import tabulate
     out = [header_line(facts),
-           f"timing: median (IQR) of per-call times, {facts['timer']}; peak memory: {facts['memory']}", ""]
+           f"timing: median (IQR) of per-call times, {facts['timer']}; peak memory: {facts['memory']}"]
+    if facts["device"] == "cpu" and _busy(facts):
+        out.append(f"warning: load average {facts['load_average_1min']:g} at the start, "
+                   f"{facts.get('load_average_1min_end', '?')} at the end, on {facts['cpus']} CPUs: other "
+                   "processes competed for them, so the times are noisy and multi-threaded ones slow")
+    out.append("")
     for shape_name in dict.fromkeys(r.group for r in rows if r.section == "layers"):
         shape = SHAPES[shape_name]
         sel = [r for r in rows if r.section == "layers" and r.group == shape_name]
@@ -1208,6 +1218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if cell.status == "pending":
                 cell.status, cell.reason = "interrupted", "not run: the run was interrupted"
     elapsed = runner.elapsed()
+    facts["load_average_1min_end"] = _load_average()
     print(render(rows, facts, args.table_format))
     print(f"\n{total} cells in {elapsed:.0f} s" + (" (interrupted)" if interrupted else ""))
     if args.json:
