@@ -33,7 +33,7 @@ How it measures:
 - Per cell: --warmup untimed calls, one call for peak memory, then the timed calls: at least
   --repeats, more until --min-time seconds are timed, at most --max-repeats. The methods of one
   (shape, r, forward or forward+backward) group are timed round-robin, one call each in turn,
-  so that a change in the machine's load hits them alike: their ratios are the robust numbers.
+  so that slow drifts in the machine's load hit them alike (short bursts still show in the IQR).
 - Times: the median and the interquartile range (IQR) of the per-call times, time.perf_counter
   around each call on CPU; CUDA events recorded around each call, after a synchronize, on GPU.
 - Threads: torch.set_num_threads(--threads), by default every CPU this process may run on.
@@ -1196,8 +1196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load = facts["load_average_1min"]
     if device.type == "cpu" and load is not None and load >= facts["cpus"]:
         log(f"warning: load average {load:g} on {facts['cpus']} CPUs: other processes compete for them, so "
-            "times are noisy and multi-threaded calls slow (threads wait for each other); ratios measured "
-            "side by side in this run stay comparable. --threads 1 suffers less.")
+            "times are noisy (see the IQR) and multi-threaded calls can stall, each op waiting for a thread "
+            "that is not running; --threads 1 suffers less")
     interrupted = False
     try:
         backends: Dict[str, Optional[str]] = {}
