@@ -59,13 +59,13 @@ shape and one for the models (tabulate), progress on stderr; --json, --csv and -
 In the layer tables "vs SDPA" and "vs official" are speed-ups, time of SDPA softmax (or of the
 official formulation) divided by the row's time, forward / forward+backward; above 1 = faster.
 An excerpt (this project's 2-core CPU, `python bench.py --threads 1`, some columns left out;
-README_bench.md has whole runs with their commands):
+README_bench.md has the whole output and how to read it):
 
     | r   | N    | method                      | fwd ms (IQR) | fwd+bwd ms (IQR) | vs SDPA     | vs official |
     |-----|------|-----------------------------|--------------|------------------|-------------|-------------|
-    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 49.4 (7.99)  | 176 (10.2)       | 1.00 / 1.00 | 0.12 / 0.18 |
-    | 224 | 3136 | focused linear (ours)       | 3.66 (4.11)  | 22.6 (3.53)      | 13.5 / 7.77 | 1.65 / 1.43 |
-    | 224 | 3136 | focused linear, official    | 6.04 (4.25)  | 32.2 (8.42)      | 8.18 / 5.45 | 1.00 / 1.00 |
+    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 31.9 (0.48)  | 121 (2.43)       | 1.00 / 1.00 | 0.12 / 0.18 |
+    | 224 | 3136 | focused linear (ours)       | 3.47 (0.33)  | 15.1 (0.86)      | 9.20 / 8.03 | 1.08 / 1.41 |
+    | 224 | 3136 | focused linear, official    | 3.73 (0.54)  | 21.2 (1.03)      | 8.54 / 5.71 | 1.00 / 1.00 |
 """
 
 from __future__ import annotations
