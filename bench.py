@@ -274,11 +274,6 @@ def model_ratios(rows: Sequence[Row], row: Row) -> Dict[str, Optional[float]]:
 # Measuring one call
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds of one call: perf_counter on CPU; CUDA events around it, synchronised, on GPU."""
     if device.type == "cuda":
