@@ -450,23 +450,24 @@ class Runner:
         """Seconds a cell takes if one call takes est_call: warm-up, memory call, repeats."""
         return est_call * (self.args.warmup + 1 + self.args.repeats)
 
-    def precheck(self, case: Case, free: Optional[int]) -> Optional[str]:
-        """Why the case must not start (skip reason), or None."""
+    def precheck(self, case: Case, free: Optional[int]) -> Tuple[Optional[str], bool]:
+        """Why the case must not start (or None), and whether the reason is the estimated time of
+        one call (later resolutions then extrapolate from that estimate and skip too)."""
         a, est = self.args, case.est_s
         if case.est_bytes is not None and free is not None and case.est_bytes > free:
             return (f"needs ~{_fmt_bytes(case.est_bytes)} by estimate, {_fmt_bytes(free)} may be "
-                    f"allocated ({'half the available RAM' if self.device.type == 'cpu' else '90% of free GPU memory'})")
+                    f"allocated ({'half the available RAM' if self.device.type == 'cpu' else '90% of free GPU memory'})"), False
         if est is not None and a.cell_budget > 0 and self.cost_s(est) > a.cell_budget:
             return (f"~{_fmt_s(est)} per call by estimate: {a.warmup + 1 + a.repeats} calls "
-                    f"~{_fmt_s(self.cost_s(est))} > --cell-budget {a.cell_budget:g} s")
+                    f"~{_fmt_s(self.cost_s(est))} > --cell-budget {a.cell_budget:g} s"), True
         if a.time_budget > 0:
             left = a.time_budget - self.elapsed()
             if left <= 0:
-                return f"--time-budget {a.time_budget:g} s used up"
+                return f"--time-budget {a.time_budget:g} s used up", False
             if est is not None and self.cost_s(est) > left:
                 return (f"~{_fmt_s(self.cost_s(est))} by estimate > {_fmt_s(left)} left of "
-                        f"--time-budget {a.time_budget:g} s")
-        return None
+                        f"--time-budget {a.time_budget:g} s"), False
+        return None, False
 
     def check_after_warmup(self, t_warm: float) -> Optional[str]:
         """Why a case whose warm-up call took t_warm must stop there (its estimate was wrong)."""
@@ -525,10 +526,10 @@ class Runner:
         for case in cases:
             cell = case.cell
             cell.estimate_s, cell.estimate_bytes = case.est_s, case.est_bytes
-            reason = self.precheck(case, free)
+            reason, too_slow = self.precheck(case, free)
             if reason:
                 cell.status, cell.reason = "skipped", reason
-                if case.est_s is not None and "per call" in reason:
+                if too_slow:
                     # later resolutions extrapolate from this estimate: they skip too
                     self.history[(case.row.group, case.row.name, case.mode)] = (case.row.macs, case.est_s)
                 self._progress(case)

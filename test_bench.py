@@ -195,15 +195,16 @@ def test_cell_over_the_time_budget_is_skipped_with_its_estimate():
     row = bench.Row("layers", "sdpa", "x", "pvt", 32, (8, 8), 64, 10, bench.LAYER_MODES)
     runner.run_group([bench.Case(row, "fwd", lambda: None, est_s=7.4)])
     assert row.cells["fwd"].status == "skipped" and "~7.4 s per call" in row.cells["fwd"].reason
+    assert runner.history["pvt", "sdpa", "fwd"] == (10, 7.4), "larger resolutions extrapolate from it"
 
 
 def test_later_resolutions_extrapolate_from_earlier_ones():
     runner = bench.Runner(small_args(), torch.device("cpu"), 1, log=lambda m: None)
-    small = bench.Row("layers", "sdpa", "x", "pvt", 224, (56, 56), 3136, 100, bench.LAYER_MODES)
-    runner.history[("pvt", "sdpa", "fwd")] = (100, 0.5)
+    runner.history[("pvt", "sdpa", "fwd")] = (100, 0.5)  # 0.5 s at 100 MACs
     big = bench.Row("layers", "sdpa", "x", "pvt", 512, (128, 128), 16384, 1600, bench.LAYER_MODES)
     assert runner.estimate_s(big, "fwd", "fwd") == pytest.approx(8.0), "0.5 s x 16 times the MACs"
-    assert small.macs == 100
+    big.cells["fwd"].status, big.cells["fwd"].times_s = "ok", [4.0]
+    assert runner.estimate_s(big, "fwdbwd", "fwd") == pytest.approx(12.0), "3 x this cell's forward"
 
 
 @pytest.mark.parametrize("error", [
