@@ -1115,12 +1115,14 @@ def make_parser() -> argparse.ArgumentParser:
         "(attention layers and whole models) across resolutions."))
     p.add_argument("--resolutions", type=_resolution, nargs="+", default=[224, 512, 1024], metavar="R",
                    help="image sizes r (r x r pixels); the token grid is r // patch (default 224 512 1024)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and inputs (default float32)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="(default 1)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads (default: every CPU this process may use)")
-    p.add_argument("--sections", nargs="+", choices=["layers", "models"], default=["layers", "models"])
+    p.add_argument("--sections", nargs="+", choices=["layers", "models"], default=["layers", "models"],
+                   help="attention layers, whole models (default both)")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
                    help="layer shapes: deit (DeiT-T layer), pvt (FLatten-PVT stage 1)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
@@ -1137,7 +1139,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=_non_negative, default=120.0,
                    help="skip the cells that would not finish within this many seconds of the run; "
                         "0: no limit (default 120)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the weights and inputs (default 0)")
     p.add_argument("--json", metavar="PATH", help="save every number and the header facts as JSON")
     p.add_argument("--csv", metavar="PATH", help="save one line per cell as CSV")
     p.add_argument("--plot", metavar="PATH", help="save a log-log plot of time and memory against tokens "
