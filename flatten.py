@@ -134,6 +134,7 @@ class _Focus(torch.autograd.Function):
         gy = (g * a_b).sub_(P * (sg * a_b / b.square()))
         gy.mul_(tp1).mul_(p / m)
         gy.add_(t * (sg * m / (a.clamp_min(torch.finfo(dt).tiny) * b)))
+        gy.masked_fill_(a == 0, 0.)  # a token ReLU zeroes (offset 0): phi is 0 all around it
         gx = gy.div(s).mul_(x > 0) if ctx.needs_input_grad[0] else None
         gs = None
         if ctx.needs_input_grad[1]:
