@@ -58,14 +58,14 @@ Output: a header line (device, torch version, dtype, threads, batch size), one t
 shape and one for the models (tabulate), progress on stderr; --json, --csv and --plot save it.
 In the layer tables "vs SDPA" and "vs official" are speed-ups, time of SDPA softmax (or of the
 official formulation) divided by the row's time, forward / forward+backward; above 1 = faster.
-An excerpt (this project's 2-core CPU, `python bench.py --threads 1`, some columns left out;
-README_bench.md has the whole output and how to read it):
+An excerpt (this project's idle 2-core CPU, `python bench.py`, some columns left out;
+README.md has more and how to read it, results/cpu_float32_2threads.txt the whole output):
 
     | r   | N    | method                      | fwd ms (IQR) | fwd+bwd ms (IQR) | vs SDPA     | vs official |
     |-----|------|-----------------------------|--------------|------------------|-------------|-------------|
-    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 31.9 (0.48)  | 121 (2.43)       | 1.00 / 1.00 | 0.12 / 0.18 |
-    | 224 | 3136 | focused linear (ours)       | 3.47 (0.33)  | 15.1 (0.86)      | 9.20 / 8.03 | 1.08 / 1.41 |
-    | 224 | 3136 | focused linear, official    | 3.73 (0.54)  | 21.2 (1.03)      | 8.54 / 5.71 | 1.00 / 1.00 |
+    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 18.0 (0.28)  | 66.1 (1.55)      | 1.00 / 1.00 | 0.12 / 0.17 |
+    | 224 | 3136 | focused linear (ours)       | 1.95 (0.18)  | 8.58 (0.23)      | 9.23 / 7.70 | 1.07 / 1.29 |
+    | 224 | 3136 | focused linear, official    | 2.09 (0.11)  | 11.1 (0.32)      | 8.63 / 5.98 | 1.00 / 1.00 |
 """
 
 from __future__ import annotations
