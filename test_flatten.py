@@ -458,10 +458,14 @@ def test_mismatch_lists_missing_and_unexpected_keys():
 
 
 def test_head_dropped_for_other_num_classes():
-    src = fl.create_model("flatten_pvt_v2_b0")
+    src = randomize(fl.create_model("flatten_pvt_v2_b0"))
     for nc in (0, 10):
         m = fl.create_model("flatten_pvt_v2_b0", num_classes=nc)
+        own_head = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("head.")}
         fl.load_pretrained(m, src.state_dict())
+        loaded = m.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in own_head.items()), f"num_classes={nc}: head replaced"
+        assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items() if not k.startswith("head.")), nc
 
 
 # -----------------------------------------------------------------------------
