@@ -84,8 +84,27 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
 
 def _focus_temporary(x: torch.Tensor, focusing_factor: float, scale: torch.Tensor) -> torch.Tensor:
     """focus() of a temporary the caller drops: without autograd it is overwritten in place."""
-    inplace = not (torch.is_grad_enabled() and x.requires_grad) and x.dtype == _compute_dtype(x)
-    return _Focus.apply(x, scale.reshape(-1), float(focusing_factor), 1e-6, inplace)
+    scale = scale.reshape(-1)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _Focus.apply(x, scale, float(focusing_factor), 1e-6, False)
+    # no autograd: skip autograd.Function's bookkeeping (it shows at a few hundred tokens)
+    return _focus_forward(x, scale, float(focusing_factor), 1e-6, x.dtype == scale.dtype)[0]
+
+
+def _focus_forward(x, s, p: float, offset: float, inplace: bool):
+    """phi_p(x) and the per-token m, a, b that _Focus.backward needs (see _Focus)."""
+    dt = s.dtype
+    tiny = torch.finfo(dt).tiny
+    y = x.clamp_min_(0) if inplace else torch.clamp_min(x.to(dt), 0)
+    if offset:
+        y.add_(offset)
+    y.div_(s)
+    m = y.amax(dim=-1, keepdim=True).clamp_min_(tiny)
+    t = y.div_(m)
+    a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)
+    P = t.pow_(p) if p != 1 else t
+    b = torch.linalg.vector_norm(P, dim=-1, keepdim=True).clamp_min_(tiny)
+    return P.mul_(a / b), m, a, b
 
 
 class _Focus(torch.autograd.Function):
@@ -100,20 +119,10 @@ class _Focus(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, p, offset, inplace):
-        dt = s.dtype
-        tiny = torch.finfo(dt).tiny
-        y = x.clamp_min_(0) if inplace else torch.clamp_min(x.to(dt), 0)
-        if offset:
-            y.add_(offset)
-        y.div_(s)
-        m = y.amax(dim=-1, keepdim=True).clamp_min_(tiny)
-        t = y.div_(m)
-        a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)
-        P = t.pow_(p) if p != 1 else t
-        b = torch.linalg.vector_norm(P, dim=-1, keepdim=True).clamp_min_(tiny)
+        phi, m, a, b = _focus_forward(x, s, p, offset, inplace)
         ctx.save_for_backward(x, s, m, a, b)
         ctx.p, ctx.offset = p, offset
-        return P.mul_(a / b)
+        return phi
 
     @staticmethod
     def backward(ctx, g):
@@ -164,8 +173,28 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     _check_normalizer(normalizer)
     eps = eps * k.shape[-2] if normalizer == "mean" else eps
     with torch.autocast(q.device.type, enabled=False):
-        out = _LinearAttention.apply(q, k, v, float(eps))    # (B, N, h, dv)
-    return out.to(v.dtype).transpose(1, 2)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out = _LinearAttention.apply(q, k, v, float(eps))
+        else:
+            out = _linear_attention_forward(q, k, v, float(eps))[0]
+    return out.to(v.dtype).transpose(1, 2)                  # (B, N, h, dv) memory
+
+
+def _linear_attention_forward(q, k, v, eps: float):
+    """(out in (B, N, h, dv) memory, kv, ks, r) for (B, h, *, d) inputs; see _LinearAttention."""
+    dt = _compute_dtype(q)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    B, h, N, _ = q.shape
+    kv = k.transpose(-2, -1) @ v                          # (B, h, d, dv)
+    ks = k.sum(dim=-2)                                    # (B, h, d)
+    # einsum, not q @ ks[..., None]: a batched matrix-vector bmm is several times slower on CPU
+    r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_().unsqueeze(-1)  # (B, h, N, 1)
+    if _is_compiling():  # the compiler picks its own layouts (and rejects out=)
+        return ((q @ kv) * r).transpose(1, 2), kv, ks, r
+    # written straight into (B, N, h, dv) memory: merging the heads afterwards is free
+    out = torch.empty(B, N, h, v.shape[-1], dtype=dt, device=q.device)
+    torch.matmul(q, kv, out=out.transpose(1, 2)).mul_(r)
+    return out, kv, ks, r
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -180,19 +209,9 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, eps):
-        dt = _compute_dtype(q)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        B, h, N, _ = q.shape
-        kv = k.transpose(-2, -1) @ v                          # (B, h, d, dv)
-        ks = k.sum(dim=-2)                                    # (B, h, d)
-        # einsum, not q @ ks[..., None]: a batched matrix-vector bmm is several times slower on CPU
-        r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_().unsqueeze(-1)  # (B, h, N, 1)
-        ctx.save_for_backward(q, k, v, kv, ks, r)
-        if _is_compiling():  # the compiler picks its own layouts (and rejects out=)
-            return ((q @ kv) * r).transpose(1, 2)
-        # written straight into (B, N, h, dv) memory: merging the heads afterwards is free
-        out = torch.empty(B, N, h, v.shape[-1], dtype=dt, device=q.device)
-        torch.matmul(q, kv, out=out.transpose(1, 2)).mul_(r)
+        out, kv, ks, r = _linear_attention_forward(q, k, v, eps)
+        dt = out.dtype
+        ctx.save_for_backward(q.to(dt), k.to(dt), v.to(dt), kv, ks, r)
         return out
 
     @staticmethod
@@ -392,8 +411,9 @@ class FocusedLinearAttention(nn.Module):
         # The kernel is shared by the heads: tile it over the C = h * d channels and convolve
         # (B, C, H, W) viewed channels-last on v's own memory, instead of copying v into
         # (B * h, d, H, W) as the official code does.
-        weight = self.dwc.weight.repeat(h, 1, 1, 1)
-        bias = self.dwc.bias.repeat(h)
+        weight, bias = self.dwc.weight, self.dwc.bias
+        if h > 1:
+            weight, bias = weight.repeat(h, 1, 1, 1), bias.repeat(h)
         v = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
         out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype), padding=self.kernel_size // 2, groups=C)
         return out.permute(0, 2, 3, 1).reshape(B, H * W, C)
