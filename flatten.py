@@ -66,8 +66,9 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
 
     y = (ReLU(x) + offset) / scale, phi_p(x) = ||y|| * y^p / ||y^p||  (element-wise power).
     With offset=0 and scale=None this is the paper's f_p(ReLU(x)); the defaults of the module
-    (offset 1e-6, scale = softplus(learned)) are the official code's. x: (..., C), scale: (C,)
-    or broadcastable -> (..., C), in float32 for half-precision inputs.
+    (offset 1e-6, scale = softplus(learned)) are the official code's. x: (..., C), scale: C
+    values per channel ((C,) or (1, 1, C)) or one (a scalar) -> (..., C), in float32 for
+    half-precision inputs.
 
     Computed through t = y / max(y): y^p / ||y^p|| = t^p / ||t^p|| and ||y|| = max(y) ||t||, so
     nothing overflows for large y and nothing is 0/0 for tokens that ReLU zeroes (||t^p|| >= 1
@@ -426,7 +427,8 @@ class FocusedLinearAttention(nn.Module):
         B, N, C = x.shape
         q = self.q(x)
         k, v, kh, kw = self._keys_values(x, H, W)
-        k = k.add_(self._positional_encoding(kh, kw))
+        pe = self._positional_encoding(kh, kw)
+        k = k.add_(pe) if k.dtype == pe.dtype else k + pe  # under autocast: float32, as officially
         scale = F.softplus(self.scale).to(_compute_dtype(q))
         q = _focus_temporary(q, self.focusing_factor, scale)  # norms over all C channels,
         k = _focus_temporary(k, self.focusing_factor, scale)  # before the head split
