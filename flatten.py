@@ -54,6 +54,13 @@ def _is_compiling() -> bool:
     return torch._dynamo.is_compiling()  # torch < 2.3
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     # float16 / bfloat16 attention runs in float32: the kernel's power and the normaliser's
     # reduction overflow or underflow in half precision (the top NaN report of such code).
@@ -413,8 +420,8 @@ class FocusedLinearAttention(nn.Module):
         # (B, C, H, W) viewed channels-last on v's own memory, instead of copying v into
         # (B * h, d, H, W) as the official code does.
         weight, bias = self.dwc.weight, self.dwc.bias
-        if h > 1:
-            weight, bias = weight.repeat(h, 1, 1, 1), bias.repeat(h)
+        if h > 1:  # cat, not repeat: a fraction of the dispatch cost
+            weight, bias = torch.cat([weight] * h), torch.cat([bias] * h)
         v = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
         out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype), padding=self.kernel_size // 2, groups=C)
         return out.permute(0, 2, 3, 1).reshape(B, H * W, C)
@@ -424,6 +431,8 @@ class FocusedLinearAttention(nn.Module):
         _check_tokens(x, H, W, P, self.dim)
         if self.sr_ratio > 1 and (H < self.sr_ratio or W < self.sr_ratio):
             raise ValueError(f"grid {H}x{W} is smaller than sr_ratio={self.sr_ratio}")
+        if self._inference_path(x):
+            return self._forward_inference(x, H, W)
         B, N, C = x.shape
         q = self.q(x)
         k, v, kh, kw = self._keys_values(x, H, W)
@@ -436,6 +445,53 @@ class FocusedLinearAttention(nn.Module):
         out = linear_attention(q, k, vh, normalizer=self.normalizer)              # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                                # a view
         out[:, P:] += self._dwc(v[:, P:], H, W)                                   # no DWC for class tokens
+        return self.proj_drop(self.proj(out))
+
+
+    # --- inference path: no autograd, sr_ratio 1, float32 / float64 ---------------------------
+    #
+    # The same function as forward, computed with fewer passes over the tokens, for when nothing
+    # needs a gradient:
+    #   1. The softplus scale s > 0 and the offset o = 1e-6 fold into the q and k projections:
+    #      (ReLU(z) + o) / s = max(z / s + o / s, o / s). So one GEMM with [Wq / s; Wk / s] (and
+    #      biases b / s + o / s), plus pe / s on the k half, then one clamp against the floor o / s,
+    #      give y for q and k side by side, (B, N, 2, C).
+    #   2. phi_p(y) = ||y|| t^p / ||t^p|| with t = y / ||y||, for q and k in the same passes: t lies
+    #      in (0, 1], so the power cannot overflow, and y >= o / s > 0, so no norm is zero.
+    # The folded weights are derived on every call (a few C x C operations), not cached: a cache
+    # could not see parameters changed in place through .data.
+
+    def _inference_path(self, x: torch.Tensor) -> bool:
+        if self.sr_ratio != 1 or x.dtype in _HALF or x.dtype != self.scale.dtype or _is_compiling():
+            return False
+        if _autocast_enabled(x.device.type):
+            return False
+        return not (torch.is_grad_enabled()
+                    and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _forward_inference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d, P, p = self.num_heads, self.head_dim, self.num_prefix_tokens, self.focusing_factor
+        inv = F.softplus(self.scale.reshape(1, C)).reciprocal_().expand(2, C)   # 1 / s for q, k
+        floor = inv * 1e-6
+        weight = torch.cat([self.q.weight, self.kv.weight[:C]]).mul_(inv.reshape(2 * C, 1))
+        bias = floor.reshape(2 * C)
+        if self.q.bias is not None:
+            bias = torch.cat([self.q.bias, self.kv.bias[:C]]).mul_(inv.reshape(2 * C)).add_(bias)
+        y = F.linear(x, weight, bias).view(B, N, 2, C)
+        y[:, :, 1].addcmul_(self._positional_encoding(H, W), inv[0])
+        y.clamp_min_(floor)                                     # y of q and of k
+        a = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        y.div_(a)
+        if p != 1:
+            y.pow_(p)
+        y.mul_(a.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True)))
+        v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
+        q, k = y.view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)      # (B, h, N, d) views
+        eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
+        out = _linear_attention_forward(q, k, v.view(B, N, h, d).transpose(1, 2), eps)[0]
+        out = out.view(B, N, C)                                 # written in (B, N, h, d) memory
+        out[:, P:] += self._dwc(v[:, P:], H, W)
         return self.proj_drop(self.proj(out))
 
 

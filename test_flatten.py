@@ -60,10 +60,13 @@ def fla_from_fixture():
 
 def test_fla_matches_official_fixture():
     m, d = fla_from_fixture()
-    with torch.no_grad():
-        assert_close(m(d["input"], d["H"], d["W"]), d["output"], "ours vs official output")
-        assert_close(fl.official_forward(m, d["input"], d["H"], d["W"]), d["output"],
+    x = d["input"]
+    with torch.no_grad():  # the inference path
+        assert_close(m(x, d["H"], d["W"]), d["output"], "ours (inference) vs official output")
+        assert_close(fl.official_forward(m, x, d["H"], d["W"]), d["output"],
                      "official_forward vs official output")
+    out = m(x.clone().requires_grad_(), d["H"], d["W"])  # the autograd path
+    assert_close(out.detach(), d["output"], "ours (autograd) vs official output")
 
 
 def test_fla_matches_official_fixture_in_float64():
@@ -648,10 +651,71 @@ def test_module_gradcheck():
     assert torch.autograd.gradcheck(lambda x: m(x, 3, 3), (x,))
 
 
-def test_inference_path_equals_training_path():
-    """Without autograd the kernel works in place on temporaries: same numbers."""
-    m = randomize(fl.FocusedLinearAttention(32, 64, 4, qkv_bias=True, num_prefix_tokens=1))
-    x = seeded(2, 65, 32, seed=27)
+INFERENCE_CASES = [  # dim, heads, class tokens, qkv_bias, p, normalizer, construction grid, H, W
+    (32, 4, 1, True, 3.0, "mean", (8, 8), 8, 8),
+    (32, 1, 0, False, 3.0, "mean", (8, 8), 8, 8),
+    (24, 3, 2, True, 1.0, "sum", (4, 6), 4, 6),
+    (16, 2, 0, True, 0.5, "mean", (6, 6), 5, 9),    # another grid: resampled positional encoding
+    (48, 6, 1, True, 4.5, "sum", (7, 7), 7, 7),
+]
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES)
+def test_inference_path_equals_autograd_path(case):
+    """Without autograd the layer folds 1/s into the q and k weights and focuses q and k in one
+    pass (FocusedLinearAttention._forward_inference): the same function as the autograd path."""
+    C, h, P, bias, p, normalizer, grid, H, W = case
+    m = randomize(fl.FocusedLinearAttention(C, grid[0] * grid[1], h, qkv_bias=bias, focusing_factor=p,
+                                            grid_size=grid, num_prefix_tokens=P, normalizer=normalizer))
+    outputs = {}
+    for dtype in (torch.float64, torch.float32):
+        m = m.to(dtype)
+        x = seeded(2, P + H * W, C, seed=27).to(dtype)
+        with torch.no_grad():
+            fast = m(x, H, W)
+        slow = m(x.clone().requires_grad_(), H, W)
+        assert slow.requires_grad and not fast.requires_grad
+        outputs[dtype] = fast, slow.detach()
+    fast, slow = outputs[torch.float64]
+    assert_close(fast, slow, "inference vs autograd path, float64", 1e-12, 1e-13)
+    # float32: both paths as close to the float64 result as each other
+    errors = [(out.double() - fast).abs().max().item() for out in outputs[torch.float32]]
+    assert errors[0] < 1e-5 and errors[0] < 3 * errors[1] + 1e-7, errors
+
+
+def test_inference_path_is_taken_when_nothing_needs_a_gradient(monkeypatch):
+    calls = []
+    inference = fl.FocusedLinearAttention._forward_inference
+    monkeypatch.setattr(fl.FocusedLinearAttention, "_forward_inference",
+                        lambda self, *a: calls.append(1) or inference(self, *a))
+    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
+    x = seeded(1, 16, 16, seed=28)
+    expect = [(torch.no_grad, True, x, 1),
+              (torch.enable_grad, True, x, 0),                       # parameters need grads
+              (torch.enable_grad, False, x, 1),                      # a frozen layer
+              (torch.enable_grad, False, x.clone().requires_grad_(), 0)]
+    for context, trainable, inp, taken in expect:
+        calls.clear()
+        with context():
+            m.requires_grad_(trainable)(inp, 4, 4)
+        assert len(calls) == taken, (context, trainable, inp.requires_grad)
+    calls.clear()
+    with torch.no_grad():  # not for sr_ratio > 1, nor in half precision
+        fl.FocusedLinearAttention(16, 16, 2, sr_ratio=2)(x, 4, 4)
+        m.to(torch.bfloat16)(x.bfloat16(), 4, 4)
+    assert not calls
+
+
+def test_inference_path_sees_parameters_changed_in_place():
+    """Nothing is cached between calls: a change through .data (which no version counter sees)
+    shows in the next output."""
+    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
+    x = seeded(1, 16, 16, seed=29)
     with torch.no_grad():
-        fast = m(x, 8, 8)
-    assert torch.equal(fast, m(x, 8, 8).detach())
+        before = m(x, 4, 4)
+        for p in m.parameters():
+            p.data.mul_(1.5)
+        after = m(x, 4, 4)
+        expected = fl.official_forward(m, x, 4, 4)
+    assert (after - before).abs().max() > 1e-2
+    assert_close(after, expected, "after an in-place change")
