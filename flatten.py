@@ -488,9 +488,12 @@ class FocusedLinearAttention(nn.Module):
         y.mul_(a.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True)))
         v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
         q, k = y.view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)      # (B, h, N, d) views
+        kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)
         eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
-        out = _linear_attention_forward(q, k, v.view(B, N, h, d).transpose(1, 2), eps)[0]
-        out = out.view(B, N, C)                                 # written in (B, N, h, d) memory
+        r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
+        # k is spent: the output goes into its half of y (one large buffer fewer per call)
+        torch.matmul(q, kv, out=k).mul_(r)
+        out = y[:, :, 1]                                        # (B, N, C), rows 2C apart
         out[:, P:] += self._dwc(v[:, P:], H, W)
         return self.proj_drop(self.proj(out))
 
