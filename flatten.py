@@ -168,7 +168,7 @@ class _Focus(torch.autograd.Function):
                 gs = gs.sum().reshape(s.shape)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = gy.div_(s).mul_(x > 0).to(x.dtype)
+            gx = gy.div_(s).masked_fill_(x <= 0, 0.).to(x.dtype)
         return gx, gs, None, None, None
 
 
@@ -239,14 +239,56 @@ class _LinearAttention(torch.autograd.Function):
     def backward(ctx, g):
         q, k, v, kv, ks, r = ctx.saved_tensors
         g = g.to(q.dtype).transpose(1, 2)                     # (B, h, N, dv)
-        G = g @ kv.transpose(-2, -1)                          # (B, h, N, d)
+        G = _matmul_like(g, kv.transpose(-2, -1), q)          # (B, h, N, d)
         gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()    # (B, h, N, 1)
         gq = G.mul_(r).addcmul_(gden, ks.unsqueeze(-2))
         gkv = q.transpose(-2, -1) @ (g * r)                   # (B, h, d, dv)
         gks = torch.einsum("bhnd,bhn->bhd", q, gden.squeeze(-1))
-        gk = (v @ gkv.transpose(-2, -1)).add_(gks.unsqueeze(-2))
-        gv = k @ gkv
+        gk = _matmul_like(v, gkv.transpose(-2, -1), k).add_(gks.unsqueeze(-2))
+        gv = _matmul_like(k, gkv, v)
         return gq, gk, gv, None
+
+
+def _matmul_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a @ b in the memory layout of `like` (an input of the same shape): gradients of heads that
+    are strided views of a (B, N, C) tensor then merge back into (B, N, C) without a copy."""
+    if torch.is_grad_enabled():  # a double backward: out= is not differentiable
+        return a @ b
+    return torch.matmul(a, b, out=torch.empty_like(like))
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """conv2d(x, weight, bias, groups=C), stride 1, odd kernel, zero padding k // 2, with a
+    backward made of forward convolutions (used on CPU, where oneDNN's own backward of a
+    depthwise convolution takes about twenty times its forward):
+        dL/dx    = conv(g, flip(weight))               the transposed convolution at stride 1
+        dL/dw_c  = sum_b conv(pad(x_bc), g_bc)         g as an H x W kernel, one channel at a time
+        dL/db_c  = sum of g_c over the batch and the pixels
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2),
+                        groups=x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        B, C, H, W = x.shape
+        kh, kw = weight.shape[-2:]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv2d(g, weight.flip(-2, -1), None, padding=(kh // 2, kw // 2), groups=C)
+        if ctx.needs_input_grad[1]:
+            xp = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2))
+            gw = F.conv2d(xp.reshape(1, B * C, H + kh - 1, W + kw - 1), g.reshape(B * C, 1, H, W),
+                          groups=B * C)
+            gw = gw.reshape(B, C, 1, kh, kw).sum(0)
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(dim=(0, 2, 3))
+        return gx, gw, gb
 
 
 def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
@@ -436,7 +478,12 @@ class FocusedLinearAttention(nn.Module):
         if h > 1:  # cat, not repeat: a fraction of the dispatch cost
             weight, bias = torch.cat([weight] * h), torch.cat([bias] * h)
         v = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype), padding=self.kernel_size // 2, groups=C)
+        weight, bias = weight.to(v.dtype), bias.to(v.dtype)
+        if v.device.type == "cpu" and torch.is_grad_enabled() and not _is_compiling() and (
+                v.requires_grad or weight.requires_grad or bias.requires_grad):
+            out = _DepthwiseConv.apply(v, weight, bias)
+        else:
+            out = F.conv2d(v, weight, bias, padding=self.kernel_size // 2, groups=C)
         return out.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -457,7 +504,9 @@ class FocusedLinearAttention(nn.Module):
         q, k, vh = (t.view(B, -1, h, C // h).transpose(1, 2) for t in (q, k, v))  # (B, h, *, d) views
         out = linear_attention(q, k, vh, normalizer=self.normalizer)              # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)                                # a view
-        out[:, P:] += self._dwc(v[:, P:], H, W)                                   # no DWC for class tokens
+        dwc = self._dwc(v[:, P:], H, W)                                           # no DWC for class tokens
+        # out of place: an in-place add into a slice of a view costs autograd a copy of the whole
+        out = torch.cat([out[:, :P], out[:, P:] + dwc], dim=1) if P else out + dwc
         return self.proj_drop(self.proj(out))
 
 
