@@ -80,7 +80,8 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
     Computed through t = y / max(y): y^p / ||y^p|| = t^p / ||t^p|| and ||y|| = max(y) ||t||, so
     nothing overflows for large y and nothing is 0/0 for tokens that ReLU zeroes (||t^p|| >= 1
     wherever y has a positive entry; an all-zero token maps to zero). A hand-written backward
-    (_Focus) saves only x and three numbers per token.
+    (_Focus) saves x, t and three numbers per token, where autograd through the formula keeps
+    every intermediate.
     """
     if focusing_factor <= 0:
         raise ValueError(f"focusing_factor must be > 0, got {focusing_factor}")

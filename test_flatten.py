@@ -645,6 +645,22 @@ def test_module_gradients_equal_official_autograd(P, sr):
         assert_close(grads[0][name], grads[1][name], f"grad of {name} (P={P}, sr={sr})", 1e-9, 1e-11)
 
 
+@pytest.mark.parametrize("B,C,H,W,k", [(1, 6, 5, 7, 5), (2, 4, 6, 4, 3), (3, 2, 2, 3, 5), (1, 3, 9, 9, 7)])
+def test_depthwise_conv_backward(B, C, H, W, k):
+    """The DWC's backward made of forward convolutions, against gradcheck and against autograd
+    through F.conv2d (channels-last input, as the layer passes it; kernel larger than the grid)."""
+    g = torch.Generator().manual_seed(B * 100 + k)
+    x = torch.randn(B, H, W, C, generator=g, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()
+    w = torch.randn(C, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fl._DepthwiseConv.apply, (x, w, b))
+    up = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(fl._DepthwiseConv.apply(x, w, b), (x, w, b), up)
+    ref = torch.autograd.grad(F.conv2d(x, w, b, padding=k // 2, groups=C), (x, w, b), up)
+    for name, a, r in zip("xwb", ours, ref):
+        assert_close(a, r, f"grad of {name}", 1e-12, 1e-12)
+
+
 def test_module_gradcheck():
     m = randomize(fl.FocusedLinearAttention(12, 9, 2, qkv_bias=True, kernel_size=3, num_prefix_tokens=1), std=0.3).double()
     x = seeded(1, 10, 12, seed=26, dtype=torch.float64).requires_grad_()
