@@ -58,6 +58,8 @@ Output: a header line (device, torch version, dtype, threads, batch size), one t
 shape and one for the models (tabulate), progress on stderr; --json, --csv and --plot save it.
 In the layer tables "vs SDPA" and "vs official" are speed-ups, time of SDPA softmax (or of the
 official formulation) divided by the row's time, forward / forward+backward; above 1 = faster.
+Under each layer table, when both ours and official ran: the largest |difference| between the
+two on the cell's weights and input, of the forward output and of every gradient.
 An excerpt (this project's idle 2-core CPU, `python bench.py`, some columns left out;
 README.md has more and how to read it, results/cpu_float32_2threads.txt the whole output):
 
@@ -234,6 +236,7 @@ class Row:
     cells: Dict[str, Measurement] = field(default_factory=dict)
     params: Optional[int] = None
     backend: Optional[str] = None
+    exactness: Optional[Dict[str, float]] = None   # ours against the official formulation
 
     def __post_init__(self):
         for m in self.modes:
@@ -649,6 +652,21 @@ def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer}
 
 
+def compare_to_official(ours: Dict[str, Callable], official: Dict[str, Callable]) -> Optional[Dict[str, float]]:
+    """The largest |difference| between ours and the official formulation on the cell's input and
+    weights: the forward output (no autograd, so ours takes its inference path) and every
+    gradient of forward+backward (ours: its autograd path), with the largest |value| of each."""
+    try:
+        out, ref = ours["fwd"](), official["fwd"]()
+        grads, ref_grads = ours["fwdbwd"](), official["fwdbwd"]()
+    except (RuntimeError, NotImplementedError):  # out of memory: the timed cells will say so
+        return None
+    pairs = [(a, b) for a, b in zip(grads, ref_grads) if a is not None and b is not None]
+    return {"output_max_abs_diff": (out - ref).abs().max().item(), "output_max_abs": ref.abs().max().item(),
+            "grad_max_abs_diff": max((a - b).abs().max().item() for a, b in pairs),
+            "grad_max_abs": max(b.abs().max().item() for _, b in pairs)}
+
+
 def run_layers(args, runner: Runner, rows: List[Row], r: int, backends: Dict[str, Optional[str]]) -> None:
     """The layer section at resolution r: per shape, the forward group, then forward+backward."""
     device, dtype = runner.device, args.torch_dtype
@@ -667,6 +685,9 @@ def run_layers(args, runner: Runner, rows: List[Row], r: int, backends: Dict[str
             calls[row.name] = layer_cases(row.name, shape, grid, device, dtype, args.batch_size, args.seed)
             if row.name == "sdpa":
                 row.backend = backends.get(shape_name)
+        if "ours" in calls and "official" in calls:
+            ours_row = next(row for row in group_rows if row.name == "ours")
+            ours_row.exactness = compare_to_official(calls["ours"], calls["official"])
         for mode in LAYER_MODES:
             cases = []
             for row in group_rows:
@@ -925,6 +946,14 @@ def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
         if notes:
             out.append("Not measured:")
             out.extend(notes)
+        exact = [r for r in sel if r.exactness]
+        if exact:
+            out.append(f"Ours - official, largest |difference| ({facts['dtype']}):")
+            for r in exact:
+                e = r.exactness
+                out.append(f"  r={r.resolution}: output {e['output_max_abs_diff']:.2g} (|output| <= "
+                           f"{e['output_max_abs']:.3g}), gradients {e['grad_max_abs_diff']:.2g} "
+                           f"(|gradient| <= {e['grad_max_abs']:.3g})")
         out.append("")
     sel = [r for r in rows if r.section == "models"]
     if sel:
@@ -965,6 +994,8 @@ def to_json(rows: Sequence[Row], facts: dict, interrupted: bool, elapsed: float)
         if row.section == "layers":
             d = {"shape": row.group, "method": row.name, "label": row.label, **d,
                  "backend": row.backend, **layer_ratios(rows, row)}
+            if row.exactness:
+                d["vs_official_exactness"] = row.exactness
         else:
             fwd = row.time_s("fwd")
             d = {"model": row.name, **d, "params": row.params,

@@ -107,6 +107,29 @@ def test_layer_ratios_are_time_ratios_of_the_same_run(tiny_run):
                     assert r[f"vs_{ref}_{mode}"] == pytest.approx(want), f"{shape}/{method} vs {ref} {mode}"
 
 
+def test_ours_against_official_differences_are_reported(tiny_run):
+    """The ours row carries the largest differences from the official formulation, measured in
+    the same run on the same weights and input: float32 rounding, not a different function."""
+    _, data, _ = tiny_run
+    for shape in bench.SHAPES:
+        rows = {r["method"]: r for r in data["layers"] if r["shape"] == shape}
+        e = rows["ours"]["vs_official_exactness"]
+        assert 0 < e["output_max_abs"] and e["output_max_abs_diff"] <= 1e-5 * max(1.0, e["output_max_abs"])
+        assert 0 < e["grad_max_abs"] and e["grad_max_abs_diff"] <= 1e-5 * max(1.0, e["grad_max_abs"])
+        assert "vs_official_exactness" not in rows["official"]
+
+
+def test_differences_are_real_measurements():
+    """A layer whose weights differ from the official one's gives a large difference."""
+    shape, grid = bench.SHAPES["pvt"], (4, 4)
+    ours = bench.layer_cases("ours", shape, grid, torch.device("cpu"), torch.float32, 1, seed=0)
+    official = bench.layer_cases("official", shape, grid, torch.device("cpu"), torch.float32, 1, seed=0)
+    assert bench.compare_to_official(ours, official)["output_max_abs_diff"] < 1e-5
+    with torch.no_grad():  # (a uniform scale would not do: phi_p(c y) = c phi_p(y) cancels)
+        ours["layer"].dwc.weight.add_(0.1)
+    assert bench.compare_to_official(ours, official)["output_max_abs_diff"] > 1e-3
+
+
 def test_csv_has_one_line_per_cell_with_the_header_facts(tiny_run):
     _, data, lines = tiny_run
     assert len(lines) == 2 * (len(data["layers"]) + len(data["models"]))
