@@ -22,6 +22,7 @@ Nothing runs or prints at import or construction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -59,6 +60,13 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast
+        return False
+
+
+def _autocast_off(device_type: str):
+    """A context without autocast: our backward passes compute in the dtypes they chose."""
+    return torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -130,20 +138,27 @@ class _Focus(torch.autograd.Function):
         dL/dy = (p / m) t^(p-1) * ((a / b) g - (sg a / b^3) P) + (sg m / (a b)) t
     (the terms of d(P)/dy, d(1/b)/dy and d(a)/dy), then dL/dx = dL/dy [x > 0] / s and
     dL/ds = -sum_tokens dL/dy * y / s = -(sum_tokens m dL/dy * t) / s.
-    Saves x (for [x > 0]), t and three numbers per token; the backward takes about a dozen
-    passes over the tokens.
+    Saves t, the mask [x > 0] (one byte per entry) and three numbers per token; the backward
+    takes about a dozen passes over the tokens. Not twice differentiable (says so if asked).
     """
 
     @staticmethod
     def forward(ctx, x, s, p, offset, inplace):
+        positive = x > 0
         phi, t, m, a, b = _focus_forward(x, s, p, offset, inplace, keep_t=True)
-        ctx.save_for_backward(x, s, t, m, a, b)
-        ctx.p, ctx.offset = p, offset
+        ctx.save_for_backward(positive, s, t, m, a, b)
+        ctx.p, ctx.offset, ctx.x_dtype = p, offset, x.dtype
         return phi
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, s, t, m, a, b = ctx.saved_tensors
+        with _autocast_off(g.device.type):
+            return _Focus._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        positive, s, t, m, a, b = ctx.saved_tensors
         p, dt = ctx.p, s.dtype
         g = g.to(dt)
         tp1 = None
@@ -169,7 +184,7 @@ class _Focus(torch.autograd.Function):
                 gs = gs.sum().reshape(s.shape)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = gy.div_(s).masked_fill_(x <= 0, 0.).to(x.dtype)
+            gx = gy.div_(s).mul_(positive).to(ctx.x_dtype)
         return gx, gs, None, None, None
 
 
@@ -237,7 +252,13 @@ class _LinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        with _autocast_off(g.device.type):
+            return _LinearAttention._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         q, k, v, kv, ks, r = ctx.saved_tensors
         g = g.to(q.dtype).transpose(1, 2)                     # (B, h, N, dv)
         G = _matmul_like(g, kv.transpose(-2, -1), q)          # (B, h, N, d)
@@ -251,45 +272,12 @@ class _LinearAttention(torch.autograd.Function):
 
 
 def _matmul_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """a @ b in the memory layout of `like` (an input of the same shape): gradients of heads that
-    are strided views of a (B, N, C) tensor then merge back into (B, N, C) without a copy."""
-    if torch.is_grad_enabled():  # a double backward: out= is not differentiable
+    """a @ b in the memory layout of `like`, an input of the result's shape: gradients of heads
+    that are strided views of a (B, N, C) tensor then merge back into (B, N, C) without a copy.
+    (When `like` was broadcast in the forward, the shapes differ: a plain product.)"""
+    if like.shape != torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]):
         return a @ b
     return torch.matmul(a, b, out=torch.empty_like(like))
-
-
-class _DepthwiseConv(torch.autograd.Function):
-    """conv2d(x, weight, bias, groups=C), stride 1, odd kernel, zero padding k // 2, with a
-    backward made of forward convolutions (used on CPU, where oneDNN's own backward of a
-    depthwise convolution takes about twenty times its forward):
-        dL/dx    = conv(g, flip(weight))               the transposed convolution at stride 1
-        dL/dw_c  = sum_b conv(pad(x_bc), g_bc)         g as an H x W kernel, one channel at a time
-        dL/db_c  = sum of g_c over the batch and the pixels
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2),
-                        groups=x.shape[1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        B, C, H, W = x.shape
-        kh, kw = weight.shape[-2:]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = F.conv2d(g, weight.flip(-2, -1), None, padding=(kh // 2, kw // 2), groups=C)
-        if ctx.needs_input_grad[1]:
-            xp = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2))
-            gw = F.conv2d(xp.reshape(1, B * C, H + kh - 1, W + kw - 1), g.reshape(B * C, 1, H, W),
-                          groups=B * C)
-            gw = gw.reshape(B, C, 1, kh, kw).sum(0)
-        if ctx.needs_input_grad[2]:
-            gb = g.sum(dim=(0, 2, 3))
-        return gx, gw, gb
 
 
 def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
@@ -479,12 +467,7 @@ class FocusedLinearAttention(nn.Module):
         if h > 1:  # cat, not repeat: a fraction of the dispatch cost
             weight, bias = torch.cat([weight] * h), torch.cat([bias] * h)
         v = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        weight, bias = weight.to(v.dtype), bias.to(v.dtype)
-        if v.device.type == "cpu" and torch.is_grad_enabled() and not _is_compiling() and (
-                v.requires_grad or weight.requires_grad or bias.requires_grad):
-            out = _DepthwiseConv.apply(v, weight, bias)
-        else:
-            out = F.conv2d(v, weight, bias, padding=self.kernel_size // 2, groups=C)
+        out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype), padding=self.kernel_size // 2, groups=C)
         return out.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -492,6 +475,8 @@ class FocusedLinearAttention(nn.Module):
         _check_tokens(x, H, W, P, self.dim)
         if self.sr_ratio > 1 and (H < self.sr_ratio or W < self.sr_ratio):
             raise ValueError(f"grid {H}x{W} is smaller than sr_ratio={self.sr_ratio}")
+        if x.shape[0] == 0:  # no samples: an empty output (the kernels below need one)
+            return self.proj_drop(self.proj(x))
         if self._inference_path(x):
             return self._forward_inference(x, H, W)
         B, N, C = x.shape
@@ -519,8 +504,9 @@ class FocusedLinearAttention(nn.Module):
     #      (ReLU(z) + o) / s = max(z / s + o / s, o / s). So one GEMM with [Wq / s; Wk / s] (and
     #      biases b / s + o / s), plus pe / s on the k half, then one clamp against the floor o / s,
     #      give y for q and k side by side, (B, N, 2, C).
-    #   2. phi_p(y) = ||y|| t^p / ||t^p|| with t = y / ||y||, for q and k in the same passes: t lies
-    #      in (0, 1], so the power cannot overflow, and y >= o / s > 0, so no norm is zero.
+    #   2. phi_p(y) = ||y|| t^p / ||t^p|| with t = y / max(y), for q and k in the same passes (as
+    #      in _Focus): t lies in (0, 1] with a 1 in every token, so the power cannot overflow and
+    #      ||t^p|| >= 1 cannot underflow, whatever p.
     # The folded weights are derived on every call (a few C x C operations), not cached: a cache
     # could not see parameters changed in place through .data.
 
@@ -538,17 +524,19 @@ class FocusedLinearAttention(nn.Module):
         inv = F.softplus(self.scale.reshape(1, C)).reciprocal_().expand(2, C)   # 1 / s for q, k
         floor = inv * 1e-6
         weight = torch.cat([self.q.weight, self.kv.weight[:C]]).mul_(inv.reshape(2 * C, 1))
-        bias = floor.reshape(2 * C)
-        if self.q.bias is not None:
-            bias = torch.cat([self.q.bias, self.kv.bias[:C]]).mul_(inv.reshape(2 * C)).add_(bias)
+        zero = inv.new_zeros(C)
+        bq = zero if self.q.bias is None else self.q.bias
+        bk = zero if self.kv.bias is None else self.kv.bias[:C]
+        bias = torch.cat([bq, bk]).mul_(inv.reshape(2 * C)).add_(floor.reshape(2 * C))
         y = F.linear(x, weight, bias).view(B, N, 2, C)
         y[:, :, 1].addcmul_(self._positional_encoding(H, W), inv[0])
         y.clamp_min_(floor)                                     # y of q and of k
-        a = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-        y.div_(a)
+        m = y.amax(dim=-1, keepdim=True)                        # > 0: y >= o / s
+        t = y.div_(m)
+        a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)   # ||y||
         if p != 1:
-            y.pow_(p)
-        y.mul_(a.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True)))
+            t.pow_(p)
+        t.mul_(a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True)))
         v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
         q, k = y.view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)      # (B, h, N, d) views
         kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -645,20 +646,50 @@ def test_module_gradients_equal_official_autograd(P, sr):
         assert_close(grads[0][name], grads[1][name], f"grad of {name} (P={P}, sr={sr})", 1e-9, 1e-11)
 
 
-@pytest.mark.parametrize("B,C,H,W,k", [(1, 6, 5, 7, 5), (2, 4, 6, 4, 3), (3, 2, 2, 3, 5), (1, 3, 9, 9, 7)])
-def test_depthwise_conv_backward(B, C, H, W, k):
-    """The DWC's backward made of forward convolutions, against gradcheck and against autograd
-    through F.conv2d (channels-last input, as the layer passes it; kernel larger than the grid)."""
-    g = torch.Generator().manual_seed(B * 100 + k)
-    x = torch.randn(B, H, W, C, generator=g, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()
-    w = torch.randn(C, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fl._DepthwiseConv.apply, (x, w, b))
-    up = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
-    ours = torch.autograd.grad(fl._DepthwiseConv.apply(x, w, b), (x, w, b), up)
-    ref = torch.autograd.grad(F.conv2d(x, w, b, padding=k // 2, groups=C), (x, w, b), up)
-    for name, a, r in zip("xwb", ours, ref):
-        assert_close(a, r, f"grad of {name}", 1e-12, 1e-12)
+def test_backward_under_autocast():
+    """loss.backward() inside torch.autocast: our backward passes compute in float32 as chosen,
+    not in the autocast dtype (dL/ds through a bfloat16 product would lose three digits)."""
+    x = seeded(4, 9, 16, seed=40).requires_grad_()
+    s = (torch.rand(16, generator=torch.Generator().manual_seed(41)) + 0.5).requires_grad_()
+    g = seeded(4, 9, 16, seed=42)
+    x64, s64 = x.detach().double().requires_grad_(), s.detach().double().requires_grad_()
+    fl.focus(x64, 3, s64).backward(g.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fl.focus(x, 3, s).backward(g)
+    assert_close(s.grad, s64.grad, "dL/ds under autocast", 1e-5, 1e-6)
+    assert_close(x.grad, x64.grad, "dL/dx under autocast", 1e-5, 1e-6)
+    m = randomize(fl.FocusedLinearAttention(32, 16, 4, qkv_bias=True, num_prefix_tokens=1))
+    xm = seeded(2, 17, 32, seed=43)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(xm, 4, 4).float().square().sum()
+        loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    x = seeded(2, 5, 8, seed=44).requires_grad_()
+    (gx,) = torch.autograd.grad(fl.focus(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gx.square().sum().backward()   # a gradient penalty
+    q, k, v = (torch.rand(1, 2, 5, 4, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(3))
+    (gq,) = torch.autograd.grad(fl.linear_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gq.square().sum().backward()
+
+
+def test_linear_attention_with_keys_broadcast_over_the_batch():
+    """k and v shared by the batch (broadcast): right gradients, no resize warning."""
+    g = torch.Generator().manual_seed(45)
+    q = (torch.rand(3, 2, 6, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    k = (torch.rand(1, 2, 5, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    v = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = torch.autograd.grad(fl.linear_attention(q, k, v).sum(), (q, k, v))
+    ref = torch.autograd.grad((fl.linear_attention_matrix(q, k) @ v).sum(), (q, k, v))
+    for name, a, b in zip("qkv", ours, ref):
+        assert a.shape == b.shape
+        assert_close(a, b, f"grad of {name}", 1e-12, 1e-13)
 
 
 def test_module_gradcheck():
@@ -716,10 +747,50 @@ def test_inference_path_is_taken_when_nothing_needs_a_gradient(monkeypatch):
             m.requires_grad_(trainable)(inp, 4, 4)
         assert len(calls) == taken, (context, trainable, inp.requires_grad)
     calls.clear()
-    with torch.no_grad():  # not for sr_ratio > 1, nor in half precision
+    with torch.inference_mode():
+        m(x, 4, 4)
+    assert len(calls) == 1
+    calls.clear()
+    with torch.no_grad():  # not for sr_ratio > 1, nor under autocast, nor in half precision
         fl.FocusedLinearAttention(16, 16, 2, sr_ratio=2)(x, 4, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x, 4, 4)
         m.to(torch.bfloat16)(x.bfloat16(), 4, 4)
     assert not calls
+
+
+def test_inference_path_with_a_large_focusing_factor():
+    """t = y / max(y) keeps a 1 in every token: nothing underflows at p = 40, where a token that
+    ReLU flattens to the floor (q bias -100: every entry of q is 1e-6 / s) would give
+    (1 / sqrt(C))^40 = 0 in float32 with t = y / ||y||."""
+    m = randomize(fl.FocusedLinearAttention(256, 16, 4, qkv_bias=True, focusing_factor=40))
+    with torch.no_grad():
+        m.q.bias.fill_(-100.)
+    x = seeded(1, 16, 256, seed=46)
+    with torch.no_grad():
+        fast = m(x, 4, 4)
+    slow = m(x.clone().requires_grad_(), 4, 4).detach()
+    assert torch.isfinite(fast).all()
+    assert_close(fast, slow, "p = 40, inference vs autograd path", 1e-4, 1e-4)  # outputs up to ~20
+
+
+def test_inference_path_with_only_one_of_the_biases():
+    for drop in ("q", "kv"):
+        m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
+        getattr(m, drop).bias = None
+        x = seeded(1, 16, 16, seed=47)
+        with torch.no_grad():
+            assert_close(m(x, 4, 4), fl.official_forward(m, x, 4, 4), f"without the {drop} bias")
+
+
+def test_empty_batch():
+    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True, num_prefix_tokens=1))
+    x = torch.zeros(0, 17, 16)
+    with torch.no_grad():
+        assert m(x, 4, 4).shape == (0, 17, 16)
+    out = m(x.requires_grad_(), 4, 4)
+    out.sum().backward()
+    assert out.shape == (0, 17, 16) and x.grad.shape == x.shape
 
 
 def test_inference_path_sees_parameters_changed_in_place():
