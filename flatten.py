@@ -209,7 +209,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     """
     _check_normalizer(normalizer)
     eps = eps * k.shape[-2] if normalizer == "mean" else eps
-    with torch.autocast(q.device.type, enabled=False):
+    with _autocast_off(q.device.type):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             out = _LinearAttention.apply(q, k, v, float(eps))
         else:
@@ -289,7 +289,7 @@ def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
     """
     _check_normalizer(normalizer)
     dt = _compute_dtype(q)
-    with torch.autocast(q.device.type, enabled=False):
+    with _autocast_off(q.device.type):
         scores = q.to(dt) @ k.to(dt).transpose(-2, -1)          # (B, h, N, n)
         n = k.shape[-2]
         eps = eps * n if normalizer == "mean" else eps

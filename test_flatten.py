@@ -666,6 +666,19 @@ def test_backward_under_autocast():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def test_functional_core_runs_on_the_meta_device():
+    """Shapes without data (the meta device has no autocast: the backward passes check for it)."""
+    x = torch.randn(2, 5, 8, device="meta", requires_grad=True)
+    s = torch.rand(8, device="meta", requires_grad=True)
+    fl.focus(x, 3, s).sum().backward()
+    assert x.grad.shape == x.shape and s.grad.shape == s.shape
+    q = torch.rand(1, 2, 5, 4, device="meta", requires_grad=True)
+    out = fl.linear_attention(q, q, q)
+    out.sum().backward()
+    assert out.shape == (1, 2, 5, 4) and q.grad.shape == q.shape
+    assert fl.linear_attention_matrix(q, q).shape == (1, 2, 5, 5)
+
+
 def test_double_backward_is_refused_with_a_clear_error():
     x = seeded(2, 5, 8, seed=44).requires_grad_()
     (gx,) = torch.autograd.grad(fl.focus(x).square().sum(), x, create_graph=True)
