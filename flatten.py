@@ -88,8 +88,8 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
     Computed through t = y / max(y): y^p / ||y^p|| = t^p / ||t^p|| and ||y|| = max(y) ||t||, so
     nothing overflows for large y and nothing is 0/0 for tokens that ReLU zeroes (||t^p|| >= 1
     wherever y has a positive entry; an all-zero token maps to zero). A hand-written backward
-    (_Focus) saves x, t and three numbers per token, where autograd through the formula keeps
-    every intermediate.
+    (_Focus) saves t, the mask [x > 0] and three numbers per token, where autograd through the
+    formula keeps every intermediate.
     """
     if focusing_factor <= 0:
         raise ValueError(f"focusing_factor must be > 0, got {focusing_factor}")
@@ -499,7 +499,6 @@ class FocusedLinearAttention(nn.Module):
         # out of place: an in-place add into a slice of a view costs autograd a copy of the whole
         out = torch.cat([out[:, :P], out[:, P:] + dwc], dim=1) if P else out + dwc
         return self.proj_drop(self.proj(out))
-
 
     # --- inference path: no autograd, sr_ratio 1, float32 / float64 ---------------------------
     #
