@@ -23,6 +23,7 @@ Nothing runs or prints at import or construction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import pickle
@@ -67,6 +68,16 @@ def _autocast_enabled(device_type: str) -> bool:
 def _autocast_off(device_type: str):
     """A context without autocast: our backward passes compute in the dtypes they chose."""
     return torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+def _plain_backward(backward):
+    """For autograd.Function.backward: runs with autocast off (the pass computes in the dtypes it
+    chose) and refuses a second derivative with PyTorch's "differentiate twice" error."""
+    @functools.wraps(backward)
+    def wrapped(ctx, g):
+        with _autocast_off(g.device.type):
+            return backward(ctx, g)
+    return torch.autograd.function.once_differentiable(wrapped)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -144,20 +155,15 @@ class _Focus(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, p, offset, inplace):
-        positive = x > 0
+        positive = x > 0 if ctx.needs_input_grad[0] else None
         phi, t, m, a, b = _focus_forward(x, s, p, offset, inplace, keep_t=True)
         ctx.save_for_backward(positive, s, t, m, a, b)
         ctx.p, ctx.offset, ctx.x_dtype = p, offset, x.dtype
         return phi
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_plain_backward
     def backward(ctx, g):
-        with _autocast_off(g.device.type):
-            return _Focus._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         positive, s, t, m, a, b = ctx.saved_tensors
         p, dt = ctx.p, s.dtype
         g = g.to(dt)
@@ -252,13 +258,8 @@ class _LinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_plain_backward
     def backward(ctx, g):
-        with _autocast_off(g.device.type):
-            return _LinearAttention._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         q, k, v, kv, ks, r = ctx.saved_tensors
         g = g.to(q.dtype).transpose(1, 2)                     # (B, h, N, dv)
         G = _matmul_like(g, kv.transpose(-2, -1), q)          # (B, h, N, d)
