@@ -526,15 +526,19 @@ class FocusedLinearAttention(nn.Module):
     def _forward_inference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         h, d, P, p = self.num_heads, self.head_dim, self.num_prefix_tokens, self.focusing_factor
-        inv = F.softplus(self.scale.reshape(1, C)).reciprocal_().expand(2, C)   # 1 / s for q, k
-        floor = inv * 1e-6
-        weight = torch.cat([self.q.weight, self.kv.weight[:C]]).mul_(inv.reshape(2 * C, 1))
+        inv = F.softplus(self.scale.reshape(C)).reciprocal_()          # 1 / s
+        floor = inv * 1e-6                                             # o / s
+        weight = torch.cat([self.q.weight, self.kv.weight[:C]]).mul_(inv.repeat(2).unsqueeze(1))
         zero = inv.new_zeros(C)
         bq = zero if self.q.bias is None else self.q.bias
         bk = zero if self.kv.bias is None else self.kv.bias[:C]
-        bias = torch.cat([bq, bk]).mul_(inv.reshape(2 * C)).add_(floor.reshape(2 * C))
-        y = F.linear(x, weight, bias).view(B, N, 2, C)
-        y[:, :, 1].addcmul_(self._positional_encoding(H, W), inv[0])
+        bias = torch.cat([bq, bk]).mul_(inv.repeat(2)).add_(floor.repeat(2))
+        # q and k in two blocks, (2, B * N, C): every pass below runs over contiguous memory
+        y = x.new_empty(2, B * N, C)
+        x2 = x.reshape(B * N, C)
+        torch.addmm(bias[:C], x2, weight[:C].t(), out=y[0])
+        torch.addmm(bias[C:], x2, weight[C:].t(), out=y[1])
+        y[1].view(B, N, C).addcmul_(self._positional_encoding(H, W), inv)
         y.clamp_min_(floor)                                     # y of q and of k
         m = y.amax(dim=-1, keepdim=True)                        # > 0: y >= o / s
         t = y.div_(m)
@@ -543,13 +547,13 @@ class FocusedLinearAttention(nn.Module):
             t.pow_(p)
         t.mul_(a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True)))
         v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
-        q, k = y.view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)      # (B, h, N, d) views
+        q, k = y.view(2, B, N, h, d).transpose(2, 3)             # (B, h, N, d) views
         kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)
         eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
         r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
-        # k is spent: the output goes into its half of y (one large buffer fewer per call)
+        # k is spent: the output goes into its block of y (one large buffer fewer per call)
         torch.matmul(q, kv, out=k).mul_(r)
-        out = y[:, :, 1]                                        # (B, N, C), rows 2C apart
+        out = y[1].view(B, N, C)
         out[:, P:] += self._dwc(v[:, P:], H, W)
         return self.proj_drop(self.proj(out))
 
