@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+# the inference path scales by ||y|| while C^(-p/2) stays this many binary orders above the
+# smallest normal number (2^-126 in float32: p log2(C) <= 192, p <= 25 at C = 192)
+_NORM_SCALED_MARGIN = 30
 
 # -----------------------------------------------------------------------------
 # Functional core
@@ -506,12 +509,19 @@ class FocusedLinearAttention(nn.Module):
     # The same function as forward, computed with fewer passes over the tokens, for when nothing
     # needs a gradient:
     #   1. The softplus scale s > 0 and the offset o = 1e-6 fold into the q and k projections:
-    #      (ReLU(z) + o) / s = max(z / s + o / s, o / s). So one GEMM with [Wq / s; Wk / s] (and
-    #      biases b / s + o / s), plus pe / s on the k half, then one clamp against the floor o / s,
-    #      give y for q and k side by side, (B, N, 2, C).
-    #   2. phi_p(y) = ||y|| t^p / ||t^p|| with t = y / max(y), for q and k in the same passes (as
-    #      in _Focus): t lies in (0, 1] with a 1 in every token, so the power cannot overflow and
-    #      ||t^p|| >= 1 cannot underflow, whatever p.
+    #      (ReLU(z) + o) / s = max(z / s + o / s, o / s). So GEMMs with Wq / s and Wk / s (biases
+    #      b / s + o / s), plus pe / s on the k block, then one clamp against the floor o / s, give
+    #      y for q and k in two contiguous blocks, (2, B * N, C).
+    #   2. phi_p(y) = ||y|| t^p / ||t^p|| for t = y / lambda with any lambda > 0 per token, so
+    #      phi = c t^p with c = ||y|| / ||t^p||. lambda = ||y|| costs no pass of its own (||y|| is
+    #      needed anyway): t lies in [0, 1], its largest entry is at least C^(-1/2), so
+    #      ||t^p|| >= C^(-p/2), which stays a normal number unless p log2(C) / 2 nears the
+    #      exponent range (_NORM_SCALED_MAX_EXP). Beyond that lambda = max(y), as in _Focus: t has
+    #      a 1 in every token and ||t^p|| >= 1 for any p.
+    #   3. The per-token factor c of the queries cancels between numerator and normaliser, up to
+    #      the eps, which it rescales: with q = c t^p,
+    #          q KV / (q . ks + eps) = t^p KV / (t^p . ks + eps / c),
+    #      exact algebra (c > 0, eps included), so only the keys are multiplied by their c.
     # The folded weights are derived on every call (a few C x C operations), not cached: a cache
     # could not see parameters changed in place through .data.
 
@@ -539,17 +549,23 @@ class FocusedLinearAttention(nn.Module):
         torch.addmm(bias[:C], x2, weight[:C].t(), out=y[0])
         torch.addmm(bias[C:], x2, weight[C:].t(), out=y[1])
         y[1].view(B, N, C).addcmul_(self._positional_encoding(H, W), inv)
-        y.clamp_min_(floor)                                     # y of q and of k
-        m = y.amax(dim=-1, keepdim=True)                        # > 0: y >= o / s
-        t = y.div_(m)
-        a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)   # ||y||
+        y.clamp_min_(floor)                                     # y of q and of k, >= o / s > 0
+        if p * math.log2(C) / 2 <= -math.log2(torch.finfo(y.dtype).tiny) - _NORM_SCALED_MARGIN:
+            a = torch.linalg.vector_norm(y, dim=-1, keepdim=True)   # ||y||
+            t = y.div_(a)
+        else:
+            m = y.amax(dim=-1, keepdim=True)
+            t = y.div_(m)
+            a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)
         if p != 1:
             t.pow_(p)
-        t.mul_(a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True)))
+        c = a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True))   # phi = c t^p
+        t[1].mul_(c[1])                                         # the keys' phi; queries: step 3
         v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
         q, k = y.view(2, B, N, h, d).transpose(2, 3)             # (B, h, N, d) views
         kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)
         eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
+        eps = c[0].view(B, 1, N).reciprocal_().mul_(eps)        # eps / c of every query
         r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
         # k is spent: the output goes into its block of y (one large buffer fewer per call)
         torch.matmul(q, kv, out=k).mul_(r)

@@ -787,6 +787,25 @@ def test_inference_path_with_a_large_focusing_factor():
     assert_close(fast, slow, "p = 40, inference vs autograd path", 1e-4, 1e-4)  # outputs up to ~20
 
 
+@pytest.mark.parametrize("margin", [fl._NORM_SCALED_MARGIN, 10_000])  # t = y / ||y||, t = y / max(y)
+def test_inference_path_where_the_eps_matters(monkeypatch, margin):
+    """The inference path multiplies only the keys by their factor c = ||y|| / ||t^p|| and moves
+    the queries' c into the eps (eps / c). Exact algebra, which this checks where the eps is a
+    large share of the normaliser: queries that ReLU flattens to the floor 1e-6 / s."""
+    monkeypatch.setattr(fl, "_NORM_SCALED_MARGIN", margin)
+    m = randomize(fl.FocusedLinearAttention(32, 16, 4, qkv_bias=True, num_prefix_tokens=1)).double()
+    with torch.no_grad():
+        m.q.bias[:].fill_(-100.)
+    x = seeded(2, 17, 32, seed=48, dtype=torch.float64)
+    with torch.no_grad():
+        fast = m(x, 4, 4)
+        other_eps = fl.official_forward(m, x, 4, 4, normalizer="sum")
+    slow = m(x.clone().requires_grad_(), 4, 4).detach()
+    assert_close(fast, slow, "inference vs autograd path", 1e-12, 1e-13)
+    # the test can fail: the eps moves the output (mean: n eps = 16e-6 against 1e-6 for sum)
+    assert (other_eps - slow).abs().max() > 1e-2 * slow.abs().max()
+
+
 def test_inference_path_with_only_one_of_the_biases():
     for drop in ("q", "kv"):
         m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
