@@ -538,16 +538,18 @@ class FocusedLinearAttention(nn.Module):
         h, d, P, p = self.num_heads, self.head_dim, self.num_prefix_tokens, self.focusing_factor
         inv = F.softplus(self.scale.reshape(C)).reciprocal_()          # 1 / s
         floor = inv * 1e-6                                             # o / s
-        weight = torch.cat([self.q.weight, self.kv.weight[:C]]).mul_(inv.repeat(2).unsqueeze(1))
-        zero = inv.new_zeros(C)
-        bq = zero if self.q.bias is None else self.q.bias
-        bk = zero if self.kv.bias is None else self.kv.bias[:C]
-        bias = torch.cat([bq, bk]).mul_(inv.repeat(2)).add_(floor.repeat(2))
+        weight = torch.cat([self.q.weight, self.kv.weight[:C]]).view(2, C, C).mul_(inv.view(C, 1))
+        bq, bk = self.q.bias, None if self.kv.bias is None else self.kv.bias[:C]
+        if bq is None or bk is None:
+            bq, bk = (inv.new_zeros(C) if b is None else b for b in (bq, bk))
+        bias = torch.cat([bq, bk]).view(2, C).mul_(inv).add_(floor)
         # q and k in two blocks, (2, B * N, C): every pass below runs over contiguous memory
         y = x.new_empty(2, B * N, C)
         x2 = x.reshape(B * N, C)
-        torch.addmm(bias[:C], x2, weight[:C].t(), out=y[0])
-        torch.addmm(bias[C:], x2, weight[C:].t(), out=y[1])
+        torch.addmm(bias[0], x2, weight[0].t(), out=y[0])
+        torch.addmm(bias[1], x2, weight[1].t(), out=y[1])
+        bv = None if self.kv.bias is None else self.kv.bias[C:]
+        v = F.linear(x, self.kv.weight[C:], bv)                 # now, while x is in cache
         y[1].view(B, N, C).addcmul_(self._positional_encoding(H, W), inv)
         y.clamp_min_(floor)                                     # y of q and of k, >= o / s > 0
         if p * math.log2(C) / 2 <= -math.log2(torch.finfo(y.dtype).tiny) - _NORM_SCALED_MARGIN:
@@ -561,7 +563,6 @@ class FocusedLinearAttention(nn.Module):
             t.pow_(p)
         c = a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True))   # phi = c t^p
         t[1].mul_(c[1])                                         # the keys' phi; queries: step 3
-        v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
         q, k = y.view(2, B, N, h, d).transpose(2, 3)             # (B, h, N, d) views
         kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)
         eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
