@@ -240,6 +240,7 @@ class Row:
     params: Optional[int] = None
     backend: Optional[str] = None
     exactness: Optional[Dict[str, float]] = None   # ours against the official formulation
+    floor_bytes: Optional[Dict[str, int]] = None   # per mode: the bytes a call must move at least
 
     def __post_init__(self):
         for m in self.modes:
@@ -274,6 +275,20 @@ def model_ratios(rows: Sequence[Row], row: Row) -> Dict[str, Optional[float]]:
                  and r.resolution == row.resolution), None)
     return {f"vs_softmax_{mode}": _ratio(peer.time_s(mode) if peer else None, row.time_s(mode))
             if other else None for mode in MODEL_MODES}
+
+
+def floor_ratios(row: Row, bandwidth: Optional[float], mac_rate: Optional[float]) -> Dict[str, Optional[float]]:
+    """A layer row's floors in ms per mode and its time over each: memory (floor_bytes at the
+    copy bandwidth, B/s) and compute (its multiply-adds at the matmul rate, MAC/s; forward+backward
+    counted as three forwards: each product's backward is two products of the same size)."""
+    out: Dict[str, Optional[float]] = {}
+    for mode in LAYER_MODES:
+        memory = row.floor_bytes[mode] / bandwidth if row.floor_bytes and bandwidth else None
+        compute = row.macs * (1 if mode == "fwd" else 3) / mac_rate if row.macs and mac_rate else None
+        for name, floor in (("memory", memory), ("compute", compute)):
+            out[f"{name}_floor_ms_{mode}"] = None if floor is None else floor * 1e3
+            out[f"x_{name}_floor_{mode}"] = _ratio(row.time_s(mode), floor)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -396,6 +411,34 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> float:
         fn()
     t = min(time_call(fn, device) for _ in range(5))
     return 512 ** 3 / max(t, 1e-9)
+
+
+def floor_bytes(layer: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """The bytes one call of the layer must move at least once, whatever the implementation: the
+    forward reads x and every parameter (the positional encoding included) and writes the output;
+    forward+backward also reads the output's gradient and writes the gradients of x and of every
+    parameter. Temporaries, a second pass over x or anything saved for the backward come on top."""
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    act = x.numel() * x.element_size()
+    return {"fwd": 2 * act + params, "fwdbwd": 4 * act + 2 * params}
+
+
+def copy_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: Optional[int] = None) -> Optional[float]:
+    """Bytes per second (read + written) of the fastest of seven copies of a buffer larger than the
+    caches, 64 MiB on CPU and 1 GiB on CUDA: the rate at which a call can stream memory. None if
+    the buffers do not fit."""
+    nbytes = nbytes or (2 ** 30 if device.type == "cuda" else 2 ** 26)
+    try:
+        src = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+        dst = torch.zeros_like(src)
+    except RuntimeError as err:
+        if is_oom(err):
+            return None
+        raise
+    fn = lambda: dst.copy_(src)  # noqa: E731
+    fn()
+    t = min(time_call(fn, device) for _ in range(7))
+    return 2 * src.numel() * src.element_size() / max(t, 1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -652,7 +695,7 @@ def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def fwdbwd():
         return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
 
-    return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer}
+    return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer, "floor": floor_bytes(layer, x)}
 
 
 def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int, seed: int) -> Optional[Dict[str, float]]:
@@ -697,6 +740,8 @@ def run_layers(args, runner: Runner, rows: List[Row], r: int, backends: Dict[str
             calls[row.name] = layer_cases(row.name, shape, grid, device, dtype, args.batch_size, args.seed)
             if row.name == "sdpa":
                 row.backend = backends.get(shape_name)
+            if row.name in ("ours", "official"):
+                row.floor_bytes = calls[row.name]["floor"]
         if "ours" in calls and "official" in calls:
             ours_row = next(row for row in group_rows if row.name == "ours")
             ours_row.exactness = compare_to_official(shape, grid, device, dtype, args.batch_size, args.seed)
@@ -904,6 +949,10 @@ def _num(x: Optional[float]) -> str:
     return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
 
 
+def _times(x: Optional[float]) -> str:
+    return "-" if x is None else _num(x) + "x"
+
+
 def _pair(a: Optional[float], b: Optional[float]) -> str:
     return f"{_num(a)} / {_num(b)}" if a is not None or b is not None else "-"
 
@@ -966,6 +1015,23 @@ def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
                 out.append(f"  r={r.resolution}: output {e['output_max_abs_diff']:.2g} (|output| <= "
                            f"{e['output_max_abs']:.3g}); gradients {e['grad_max_rel_diff']:.2g} of "
                            "their largest entry")
+        floored = [r for r in sel if r.floor_bytes]
+        bandwidth, mac_rate = facts.get("copy_bandwidth_GBps"), facts.get("matmul_GMACps")
+        if floored and bandwidth and mac_rate:
+            out.append(f"Floors: memory (x, parameters, output and for fwd+bwd their gradients, each moved once at "
+                       f"this run's copy bandwidth, {bandwidth:.3g} GB/s) and compute (the GMAC at this run's "
+                       f"512x512 matmul rate, {mac_rate:.3g} GMAC/s; fwd+bwd: 3x the forward's), fwd / fwd+bwd:")
+            for res in dict.fromkeys(r.resolution for r in floored):
+                at = [r for r in floored if r.resolution == res]
+                fr = [floor_ratios(r, bandwidth * 1e9, mac_rate * 1e9) for r in at]
+                for kind, size in (("memory", f"{at[0].floor_bytes['fwd'] / 1e6:.3g} / "
+                                              f"{at[0].floor_bytes['fwdbwd'] / 1e6:.3g} MB"),
+                                   ("compute", f"{at[0].macs / 1e9:.3g} / {3 * at[0].macs / 1e9:.3g} GMAC")):
+                    ms = " / ".join(_num(fr[0][f"{kind}_floor_ms_{m}"]) for m in LAYER_MODES)
+                    gaps = ", ".join(f"{r.name} " + " / ".join(_times(f[f"x_{kind}_floor_{m}"]) for m in LAYER_MODES)
+                                     for r, f in zip(at, fr))
+                    lead = f"  r={res}:" if kind == "memory" else " " * len(f"  r={res}:")
+                    out.append(f"{lead} {kind} {ms} ms ({size}); {gaps}")
         out.append("")
     sel = [r for r in rows if r.section == "models"]
     if sel:
@@ -1008,6 +1074,10 @@ def to_json(rows: Sequence[Row], facts: dict, interrupted: bool, elapsed: float)
                  "backend": row.backend, **layer_ratios(rows, row)}
             if row.exactness:
                 d["vs_official_exactness"] = row.exactness
+            if row.floor_bytes:
+                bandwidth, mac_rate = facts.get("copy_bandwidth_GBps"), facts.get("matmul_GMACps")
+                d["floor_bytes"] = row.floor_bytes
+                d.update(floor_ratios(row, bandwidth and bandwidth * 1e9, mac_rate and mac_rate * 1e9))
         else:
             fwd = row.time_s("fwd")
             d = {"model": row.name, **d, "params": row.params,
@@ -1231,8 +1301,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"{r % patch} pixels (grid {r // patch}x{r // patch})")
     facts = header_facts(args, device)
     rows = plan_rows(args)
+    if any(r.floor_bytes is None and r.section == "layers" and r.name in ("ours", "official") for r in rows):
+        bandwidth = copy_bandwidth(device, args.torch_dtype)
+        facts["copy_bandwidth_GBps"] = None if bandwidth is None else bandwidth / 1e9
     total = sum(len(r.modes) for r in rows)
     runner = Runner(args, device, total, log)
+    facts["matmul_GMACps"] = runner.rate / 1e9
     log(header_line(facts))
     load = facts["load_average_1min"]
     if device.type == "cpu" and load is not None and load >= facts["cpus"]:

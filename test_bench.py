@@ -119,6 +119,48 @@ def test_ours_against_official_differences_are_reported(tiny_run):
         assert "vs_official_exactness" not in rows["official"]
 
 
+def test_floors_are_reported_against_this_runs_rates(tiny_run):
+    """Ours and the official formulation carry their memory floor (bytes at the copy bandwidth
+    measured in the run) and compute floor (MACs at the run's matmul rate), and their time over each."""
+    _, data, _ = tiny_run
+    bandwidth, mac_rate = data["header"]["copy_bandwidth_GBps"], data["header"]["matmul_GMACps"]
+    assert bandwidth > 0 and mac_rate > 0
+    for r in data["layers"]:
+        if r["method"] not in ("ours", "official"):
+            assert "floor_bytes" not in r
+            continue
+        for mode, macs in (("fwd", r["gmacs"]), ("fwdbwd", 3 * r["gmacs"])):
+            assert r[f"memory_floor_ms_{mode}"] == pytest.approx(r["floor_bytes"][mode] / bandwidth / 1e6)
+            assert r[f"compute_floor_ms_{mode}"] == pytest.approx(macs / mac_rate * 1e3)
+            for kind in ("memory", "compute"):
+                want = r[mode]["median_ms"] / r[f"{kind}_floor_ms_{mode}"]
+                assert r[f"x_{kind}_floor_{mode}"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("prefix, bias", [(0, False), (1, True)])
+def test_floor_bytes_count_input_parameters_and_output(prefix, bias):
+    B, C, h, k, (H, W) = 3, 8, 2, 5, (2, 3)
+    layer = fl.FocusedLinearAttention(C, H * W, h, qkv_bias=bias, grid_size=(H, W), num_prefix_tokens=prefix)
+    N, d = prefix + H * W, C // h
+    params = (4 * C * C + 3 * C * bias + C      # q, kv (2C) and proj weights; q and kv biases; proj's
+              + d * k * k + d + C                # DWC weight and bias, scale
+              + N * C)                           # positional encoding, class tokens included
+    want = 2 * B * N * C * 4 + params * 4        # float32: x and the output, the parameters
+    got = bench.floor_bytes(layer, torch.zeros(B, N, C))
+    assert got == {"fwd": want, "fwdbwd": 2 * want}
+    assert bench.floor_bytes(layer.double(), torch.zeros(B, N, C, dtype=torch.float64))["fwd"] == 2 * want
+
+
+def test_copy_bandwidth_is_a_rate_or_none_when_the_buffers_do_not_fit(monkeypatch):
+    assert bench.copy_bandwidth(torch.device("cpu"), torch.float32, nbytes=2 ** 20) > 0
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(bench.torch, "ones", no_memory)
+    assert bench.copy_bandwidth(torch.device("cpu"), torch.float32) is None
+
+
 @pytest.mark.parametrize("sabotage", ["dwc", "positional_encoding"])
 def test_differences_are_real_measurements(monkeypatch, sabotage):
     """A wrong layer gives a large difference: ours without its DWC term, or the official
@@ -269,6 +311,7 @@ def test_ctrl_c_prints_and_saves_what_was_measured(monkeypatch, tmp_path, capsys
         return real(fn, device)
 
     monkeypatch.setattr(bench, "time_call", interrupted_later)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: 1e10)  # its timed copies are no cell
     path = tmp_path / "r.json"
     code = bench.main(["--resolutions", "32", "--sections", "layers", "--json", str(path), *TINY])
     assert code == 130
