@@ -1301,7 +1301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     f"{r % patch} pixels (grid {r // patch}x{r // patch})")
     facts = header_facts(args, device)
     rows = plan_rows(args)
-    if any(r.floor_bytes is None and r.section == "layers" and r.name in ("ours", "official") for r in rows):
+    if any(r.section == "layers" and r.name in ("ours", "official") for r in rows):
         bandwidth = copy_bandwidth(device, args.torch_dtype)
         facts["copy_bandwidth_GBps"] = None if bandwidth is None else bandwidth / 1e9
     total = sum(len(r.modes) for r in rows)

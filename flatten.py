@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-# the inference path scales by ||y|| while C^(-p/2) stays this many binary orders above the
-# smallest normal number (2^-126 in float32: p log2(C) <= 192, p <= 25 at C = 192)
+# the inference path scales by ||y|| while C^(-p) stays this many binary orders above the smallest
+# normal number (2^-126 in float32: p log2(C) <= 96, so p <= 12 at C = 192 and p <= 16 at C = 64)
 _NORM_SCALED_MARGIN = 30
 
 # -----------------------------------------------------------------------------
@@ -514,10 +514,12 @@ class FocusedLinearAttention(nn.Module):
     #      y for q and k in two contiguous blocks, (2, B * N, C).
     #   2. phi_p(y) = ||y|| t^p / ||t^p|| for t = y / lambda with any lambda > 0 per token, so
     #      phi = c t^p with c = ||y|| / ||t^p||. lambda = ||y|| costs no pass of its own (||y|| is
-    #      needed anyway): t lies in [0, 1], its largest entry is at least C^(-1/2), so
-    #      ||t^p|| >= C^(-p/2), which stays a normal number unless p log2(C) / 2 nears the
-    #      exponent range (_NORM_SCALED_MAX_EXP). Beyond that lambda = max(y), as in _Focus: t has
-    #      a 1 in every token and ||t^p|| >= 1 for any p.
+    #      needed anyway): t lies in [0, 1] and its largest entry is at least C^(-1/2), so the sum
+    #      of squares behind ||t^p|| (vector_norm does not rescale) is at least C^(-p), a normal
+    #      number _NORM_SCALED_MARGIN binary orders clear of underflow while p log2(C) allows.
+    #      Beyond that lambda = max(y), as in _Focus: t has a 1 in every token and ||t^p|| >= 1
+    #      for any p. (||y|| itself needs y^2 to stay normal: y above ~1e-19, i.e. s below ~1e13
+    #      in float32; the official formulation already fails there, as y^p underflows.)
     #   3. The per-token factor c of the queries cancels between numerator and normaliser, up to
     #      the eps, which it rescales: with q = c t^p,
     #          q KV / (q . ks + eps) = t^p KV / (t^p . ks + eps / c),
@@ -552,7 +554,7 @@ class FocusedLinearAttention(nn.Module):
         v = F.linear(x, self.kv.weight[C:], bv)                 # now, while x is in cache
         y[1].view(B, N, C).addcmul_(self._positional_encoding(H, W), inv)
         y.clamp_min_(floor)                                     # y of q and of k, >= o / s > 0
-        if p * math.log2(C) / 2 <= -math.log2(torch.finfo(y.dtype).tiny) - _NORM_SCALED_MARGIN:
+        if p * math.log2(C) <= -math.log2(torch.finfo(y.dtype).tiny) - _NORM_SCALED_MARGIN:
             a = torch.linalg.vector_norm(y, dim=-1, keepdim=True)   # ||y||
             t = y.div_(a)
         else:

@@ -806,6 +806,24 @@ def test_inference_path_where_the_eps_matters(monkeypatch, margin):
     assert (other_eps - slow).abs().max() > 1e-2 * slow.abs().max()
 
 
+@pytest.mark.parametrize("p", [16., 17., 26., 32.])  # at C = 64: ||y|| scaling up to p = 16, max(y) beyond
+def test_inference_path_at_the_scaling_threshold(p):
+    """Tokens that ReLU flattens to the floor (q and k biases -100: y = 1e-6 / s everywhere) have
+    t = C^(-1/2) in every channel, the smallest largest entry there is: at the threshold the sum
+    of squares behind ||t^p|| is C^(-p) = 2^-96 in float32, still normal. (A threshold set by
+    C^(-p/2) let it underflow to 0 here, NaN outputs, at p = 32.)"""
+    m = randomize(fl.FocusedLinearAttention(64, 16, 1, qkv_bias=True, focusing_factor=p))
+    with torch.no_grad():
+        m.q.bias.fill_(-100.)
+        m.kv.bias[:64].fill_(-100.)
+    x = seeded(2, 16, 64, seed=49)
+    with torch.no_grad():
+        fast = m(x, 4, 4)
+    slow = m(x.clone().requires_grad_(), 4, 4).detach()
+    assert torch.isfinite(fast).all()
+    assert_close(fast, slow, f"p = {p}, inference vs autograd path", 1e-5, 1e-5)
+
+
 def test_inference_path_with_only_one_of_the_biases():
     for drop in ("q", "kv"):
         m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
