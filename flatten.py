@@ -284,6 +284,59 @@ def _matmul_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.
     return torch.matmul(a, b, out=torch.empty_like(like))
 
 
+def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Depthwise conv2d, stride 1, zero padding k // 2 (odd k): x (B, C, H, W), weight (C, 1, k, k).
+
+    With autograd on CPU (no autocast) through _DepthwiseConv, whose backward is two forward
+    convolutions; elsewhere F.conv2d and its own backward."""
+    pad = weight.shape[-1] // 2
+    if (x.device.type == "cpu" and torch.is_grad_enabled() and not _is_compiling()
+            and not _autocast_enabled("cpu")
+            and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        return _DepthwiseConv.apply(x, weight, bias, pad)
+    return F.conv2d(x, weight, bias, padding=pad, groups=x.shape[1])
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """A depthwise convolution whose gradients are depthwise convolutions themselves.
+
+    PyTorch's CPU backward of a depthwise convolution takes several times its forward (in
+    bench.py's layers it was a quarter of forward+backward). With stride 1 and padding
+    k // 2 for an odd k, for an upstream gradient g (B, C, H, W):
+        dL/dx    = conv(g, w flipped in both spatial axes), same padding (a transposed
+                   convolution of stride 1 is the convolution with the flipped kernel);
+        dL/dw[c] = sum_b conv(x[b, c] zero-padded by k // 2, kernel g[b, c]): its k x k output
+                   at (i, j) is sum_yx x_pad[b, c, y + i, x + j] g[b, c, y, x];
+        dL/db[c] = sum of g[:, c] over the batch and the pixels.
+    The weight gradient runs one sample at a time (a grouped convolution with the batch as
+    input channels is slower than the loop). Not twice differentiable (says so if asked).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad):
+        ctx.save_for_backward(x, weight)
+        ctx.pad, ctx.has_bias = pad, bias is not None
+        return F.conv2d(x, weight, bias, padding=pad, groups=x.shape[1])
+
+    @staticmethod
+    @_plain_backward
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        C, pad = x.shape[1], ctx.pad
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv2d(g, weight.flip((-2, -1)), None, padding=pad, groups=C)
+        if ctx.needs_input_grad[1]:
+            for b in range(x.shape[0]):   # (1, C, k, k) per sample
+                kernel = g[b:b + 1].transpose(0, 1).contiguous()   # (C, 1, H, W)
+                gwb = F.conv2d(x[b:b + 1], kernel, None, padding=pad, groups=C)
+                gw = gwb if gw is None else gw.add_(gwb)
+            gw = gw.reshape(weight.shape)
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            gb = g.sum(dim=(0, 2, 3))
+        return gx, gw, gb, None
+
+
 def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
                             normalizer: str = "mean") -> torch.Tensor:
     """The explicit attention matrix of linear attention: A (B, h, N, n) with out = A @ v.
@@ -476,7 +529,7 @@ class FocusedLinearAttention(nn.Module):
         if h > 1:  # cat, not repeat: a fraction of the dispatch cost
             weight, bias = torch.cat([weight] * h), torch.cat([bias] * h)
         v = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        out = F.conv2d(v, weight.to(v.dtype), bias.to(v.dtype), padding=self.kernel_size // 2, groups=C)
+        out = _depthwise_conv(v, weight.to(v.dtype), bias.to(v.dtype))
         return out.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:

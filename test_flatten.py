@@ -688,6 +688,39 @@ def test_double_backward_is_refused_with_a_clear_error():
     (gq,) = torch.autograd.grad(fl.linear_attention(q, k, v).square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         gq.square().sum().backward()
+    x = seeded(1, 2, 4, 4, seed=51).requires_grad_()
+    (gx,) = torch.autograd.grad(fl._depthwise_conv(x, seeded(2, 1, 3, 3, seed=52), None).square().sum(), x,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("B,C,H,W,k,bias", [(2, 3, 4, 6, 5, True), (1, 4, 5, 5, 3, False),
+                                             (3, 2, 1, 2, 5, True), (1, 2, 3, 3, 1, True)])
+def test_depthwise_conv_gradcheck(B, C, H, W, k, bias):
+    """The depthwise convolution's hand-written backward (the DWC term's), grids smaller than the
+    kernel included; and it is the one autograd runs on CPU."""
+    g = torch.Generator().manual_seed(46)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(C, 1, k, k, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(C, generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    out = fl._depthwise_conv(x, w, b)
+    assert type(out.grad_fn).__name__ == "_DepthwiseConvBackward"
+    inputs = (x, w, b) if bias else (x, w)
+    assert torch.autograd.gradcheck(lambda x, w, *b: fl._depthwise_conv(x, w, *(b or (None,))), inputs)
+
+
+def test_depthwise_conv_equals_conv2d_autograd():
+    """float32, channels-last input (as the module passes it): the gradients of F.conv2d's own
+    backward, to float32 rounding of sums over 4,096 pixels."""
+    v = seeded(2, 64 * 64, 48, seed=47).view(2, 64, 64, 48).permute(0, 3, 1, 2).requires_grad_()
+    w = seeded(48, 1, 5, 5, seed=48).requires_grad_()
+    b = seeded(48, seed=49).requires_grad_()
+    g = seeded(2, 48, 64, 64, seed=50)
+    ours = torch.autograd.grad(fl._depthwise_conv(v, w, b), (v, w, b), g)
+    ref = torch.autograd.grad(F.conv2d(v, w, b, padding=2, groups=48), (v, w, b), g)
+    for name, a, r in zip(("x", "weight", "bias"), ours, ref):
+        assert_close(a, r, f"grad of {name}", 1e-5, 1e-5 * r.abs().max().item())
 
 
 def test_linear_attention_with_keys_broadcast_over_the_batch():
