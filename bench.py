@@ -42,6 +42,11 @@ How it measures:
   torch.cuda.max_memory_allocated after reset_peak_memory_stats; on CPU the torch profiler's
   allocation events (profile_memory=True): every tensor allocation and free of the call, each
   with the allocator's running total, whose maximum is the peak. Not a formula.
+- Page faults (CPU, where getrusage exists): the process's minor page faults during each timed
+  call, their mean per cell. Memory the C allocator gave back to the system between calls (glibc
+  returns blocks above its mmap threshold and trims the heap top) faults in again, page by page,
+  at a cost that depends on the allocator's state: this explains much of the spread of CPU times
+  from run to run, and shows which methods keep their memory.
 - GMACs: forward multiply-adds of matmuls and convolutions (multiply-add = 1, the papers'
   "GFLOPs" convention; 2 x GMACs = GFLOP). For the layers an analytic formula (layer_macs),
   checked in test_bench.py against torch.utils.flop_counter; for the models the flop counter
@@ -87,6 +92,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+try:
+    import resource  # page faults (Unix)
+except ImportError:
+    resource = None
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -193,6 +202,7 @@ class Measurement:
     reason: str = ""
     times_s: List[float] = field(default_factory=list)
     peak_bytes: Optional[int] = None
+    faults: List[int] = field(default_factory=list)  # minor page faults of each timed call (CPU)
     estimate_s: Optional[float] = None
     estimate_bytes: Optional[int] = None
 
@@ -203,6 +213,10 @@ class Measurement:
     @property
     def median_s(self) -> Optional[float]:
         return statistics.median(self.times_s) if self.times_s else None
+
+    @property
+    def faults_per_call(self) -> Optional[float]:
+        return statistics.mean(self.faults) if self.faults else None
 
     def quartiles_s(self) -> Tuple[float, float]:
         if len(self.times_s) < 2:
@@ -219,6 +233,7 @@ class Measurement:
                        max_ms=max(self.times_s) * 1e3, repeats=len(self.times_s),
                        times_ms=[t * 1e3 for t in self.times_s])
         out["peak_mib"] = None if self.peak_bytes is None else self.peak_bytes / 2 ** 20
+        out["page_faults_per_call"] = self.faults_per_call
         out["estimate_s"] = self.estimate_s
         out["estimate_mib"] = None if self.estimate_bytes is None else self.estimate_bytes / 2 ** 20
         return out
@@ -293,6 +308,16 @@ def floor_ratios(row: Row, bandwidth: Optional[float], mac_rate: Optional[float]
 
 # -----------------------------------------------------------------------------
 # Measuring one call
+
+
+def minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (every thread), or None without getrusage.
+
+    A page fault is the kernel mapping a page at its first touch: memory that the C allocator
+    gave back to the system (glibc returns blocks above its mmap threshold, and trims the top of
+    the heap) faults in again on reuse, a cost that varies with the allocator's state, so the
+    tables show it beside the times."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -548,6 +573,8 @@ class Runner:
         what = f"{row.section} {row.group} r={row.resolution} N={row.tokens} {row.name} {case.mode}"
         if cell.ok:
             mem = "" if cell.peak_bytes is None else f", peak {_fmt_bytes(cell.peak_bytes)}"
+            if cell.faults_per_call is not None:
+                mem += f", {cell.faults_per_call:.0f} page faults/call"
             res = f"{cell.median_s * 1e3:.3g} ms (median of {len(cell.times_s)}{mem})"
         else:
             res = f"{cell.status}: {cell.reason}" if cell.reason else cell.status
@@ -559,7 +586,7 @@ class Runner:
             case.cell.status, case.cell.reason = "oom", "out of memory: " + _first_line(err)
         else:
             case.cell.status, case.cell.reason = "error", f"{type(err).__name__}: {_first_line(err)}"
-        case.cell.times_s = []
+        case.cell.times_s, case.cell.faults = [], []
 
     def _free(self) -> None:
         """After a failed call, once its exception (and the tensors its frames hold) is gone."""
@@ -609,7 +636,10 @@ class Runner:
         while active:
             for case in list(active):
                 try:
+                    faults = minor_faults() if dev.type == "cpu" else None
                     case.cell.times_s.append(time_call(case.fn, dev))
+                    if faults is not None:
+                        case.cell.faults.append(minor_faults() - faults)
                 except (RuntimeError, NotImplementedError) as err:
                     self._fail(case, err)
                 if case.cell.status in ("oom", "error"):
@@ -1032,6 +1062,16 @@ def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
                                      for r, f in zip(at, fr))
                     lead = f"  r={res}:" if kind == "memory" else " " * len(f"  r={res}:")
                     out.append(f"{lead} {kind} {ms} ms ({size}); {gaps}")
+        faulted = [r for r in sel if any(r.cells[m].faults for m in LAYER_MODES)]
+        if faulted:
+            out.append("Page faults per call (minor, mean of the timed calls; memory the allocator gave back "
+                       "and the call touched again), fwd / fwd+bwd:")
+            for res in dict.fromkeys(r.resolution for r in faulted):
+                at = [r for r in faulted if r.resolution == res]
+                out.append(f"  r={res}: " + ", ".join(
+                    f"{r.name} " + " / ".join("-" if r.cells[m].faults_per_call is None
+                                              else f"{r.cells[m].faults_per_call:.0f}" for m in LAYER_MODES)
+                    for r in at))
         out.append("")
     sel = [r for r in rows if r.section == "models"]
     if sel:
@@ -1091,7 +1131,8 @@ def to_json(rows: Sequence[Row], facts: dict, interrupted: bool, elapsed: float)
 
 CSV_FIELDS = ["section", "shape", "model", "method", "label", "backend", "resolution", "grid", "tokens",
               "params", "gmacs", "mode", "status", "reason", "median_ms", "q1_ms", "q3_ms", "iqr_ms",
-              "min_ms", "max_ms", "repeats", "peak_mib", "estimate_s", "estimate_mib", "images_per_s",
+              "min_ms", "max_ms", "repeats", "peak_mib", "page_faults_per_call", "estimate_s", "estimate_mib",
+              "images_per_s",
               "vs_sdpa", "vs_official", "vs_softmax",
               "device", "device_name", "torch", "dtype", "threads", "batch_size"]
 

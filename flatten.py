@@ -577,6 +577,13 @@ class FocusedLinearAttention(nn.Module):
     #      the eps, which it rescales: with q = c t^p,
     #          q KV / (q . ks + eps) = t^p KV / (t^p . ks + eps / c),
     #      exact algebra (c > 0, eps included), so only the keys are multiplied by their c.
+    #   4. q, k and v share one buffer (3, B * N, C). glibc's malloc returns a freed block above
+    #      its mmap threshold to the system, and trims the top of the heap beyond twice that
+    #      threshold; either way the next call page-faults the memory in again, which cost this
+    #      path up to half its time at PVT stage-1 and DeiT-T shapes (bench.py reports page
+    #      faults per call). The threshold follows the largest block freed (up to 32 MB): one
+    #      block of 3 N C keeps the path's other temporaries (the DWC, the output; N C each)
+    #      below twice it, and the heap keeps its pages between calls.
     # The folded weights are derived on every call (a few C x C operations), not cached: a cache
     # could not see parameters changed in place through .data.
 
@@ -598,13 +605,19 @@ class FocusedLinearAttention(nn.Module):
         if bq is None or bk is None:
             bq, bk = (inv.new_zeros(C) if b is None else b for b in (bq, bk))
         bias = torch.cat([bq, bk]).view(2, C).mul_(inv).add_(floor)
-        # q and k in two blocks, (2, B * N, C): every pass below runs over contiguous memory
-        y = x.new_empty(2, B * N, C)
+        # q and k in two blocks, (2, B * N, C): every pass below runs over contiguous memory;
+        # v in a third block of the same buffer (step 4)
+        qkv = x.new_empty(3, B * N, C)
+        y = qkv[:2]
         x2 = x.reshape(B * N, C)
         torch.addmm(bias[0], x2, weight[0].t(), out=y[0])
         torch.addmm(bias[1], x2, weight[1].t(), out=y[1])
-        bv = None if self.kv.bias is None else self.kv.bias[C:]
-        v = F.linear(x, self.kv.weight[C:], bv)                 # now, while x is in cache
+        wv = self.kv.weight[C:].t()                             # now, while x is in cache
+        if self.kv.bias is None:
+            torch.mm(x2, wv, out=qkv[2])
+        else:
+            torch.addmm(self.kv.bias[C:], x2, wv, out=qkv[2])
+        v = qkv[2].view(B, N, C)
         y[1].view(B, N, C).addcmul_(self._positional_encoding(H, W), inv)
         y.clamp_min_(floor)                                     # y of q and of k, >= o / s > 0
         if p * math.log2(C) <= -math.log2(torch.finfo(y.dtype).tiny) - _NORM_SCALED_MARGIN:

@@ -80,6 +80,8 @@ def test_json_layout(tiny_run):
             assert cell["repeats"] == len(cell["times_ms"]) == 1
             assert cell["q1_ms"] <= cell["median_ms"] <= cell["q3_ms"]
             assert cell["peak_mib"] is not None and cell["peak_mib"] > 0, f"{r['method']} {mode} peak"
+            if bench.resource is not None:  # getrusage: minor page faults of the timed calls
+                assert cell["page_faults_per_call"] >= 0, f"{r['method']} {mode} page faults"
     models = data["models"]
     assert [m["model"] for m in models] == ["flatten_deit_tiny", "deit_tiny"]
     for m in models:
@@ -335,6 +337,18 @@ def test_cpu_peak_memory_follows_allocations_and_frees():
 
     peak, _ = bench.peak_memory(work, torch.device("cpu"))
     assert peak == 3 * 2 ** 20, f"peak {peak} bytes, expected 3 MiB"
+
+
+@pytest.mark.skipif(bench.resource is None, reason="no getrusage on this platform")
+def test_page_faults_count_the_first_touch_of_fresh_memory():
+    before = bench.minor_faults()
+    buf = torch.empty(64 * 2 ** 20, dtype=torch.uint8)  # above glibc's largest mmap threshold
+    buf.fill_(1)                                        # first touch: the kernel maps each page
+    touched = bench.minor_faults() - before
+    assert touched >= 32, f"{touched} page faults for 64 MiB of fresh memory (32 even with 2 MiB pages)"
+    before = bench.minor_faults()
+    buf.fill_(2)                                        # mapped now: no faults
+    assert bench.minor_faults() - before < 32
 
 
 def test_sdpa_backend_is_read_from_the_ops_that_ran():
