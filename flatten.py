@@ -300,9 +300,9 @@ def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 class _DepthwiseConv(torch.autograd.Function):
     """A depthwise convolution whose gradients are depthwise convolutions themselves.
 
-    PyTorch's CPU backward of a depthwise convolution takes several times its forward (in
-    bench.py's layers it was a quarter of forward+backward). With stride 1 and padding
-    k // 2 for an odd k, for an upstream gradient g (B, C, H, W):
+    PyTorch's CPU backward of a depthwise convolution (oneDNN) is slow and allocates a fixed
+    workspace; bench.py's forward+backward rows show the gain of replacing it. With stride 1
+    and padding k // 2 for an odd k, for an upstream gradient g (B, C, H, W):
         dL/dx    = conv(g, w flipped in both spatial axes), same padding (a transposed
                    convolution of stride 1 is the convolution with the flipped kernel);
         dL/dw[c] = sum_b conv(x[b, c] zero-padded by k // 2, kernel g[b, c]): its k x k output
@@ -579,11 +579,11 @@ class FocusedLinearAttention(nn.Module):
     #      exact algebra (c > 0, eps included), so only the keys are multiplied by their c.
     #   4. q, k and v share one buffer (3, B * N, C). glibc's malloc returns a freed block above
     #      its mmap threshold to the system, and trims the top of the heap beyond twice that
-    #      threshold; either way the next call page-faults the memory in again, which cost this
-    #      path up to half its time at PVT stage-1 and DeiT-T shapes (bench.py reports page
-    #      faults per call). The threshold follows the largest block freed (up to 32 MB): one
-    #      block of 3 N C keeps the path's other temporaries (the DWC, the output; N C each)
-    #      below twice it, and the heap keeps its pages between calls.
+    #      threshold; either way the next call page-faults the memory in again (bench.py
+    #      reports page faults per call). The threshold follows the largest block freed (up to
+    #      32 MB): one block of 3 N C is meant to keep the path's other temporaries (the DWC,
+    #      the output; N C each) below twice it, so that the heap keeps its pages between calls.
+    #      How often that holds depends on what else the process allocates (README).
     # The folded weights are derived on every call (a few C x C operations), not cached: a cache
     # could not see parameters changed in place through .data.
 
