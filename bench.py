@@ -725,7 +725,9 @@ def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def fwdbwd():
         return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
 
-    return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer, "floor": floor_bytes(layer, x)}
+    with torch.no_grad():  # ours: which implementation its forward call takes (flatten.kernel_path)
+        path = layer.kernel_path(x) if method == "ours" else None
+    return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer, "floor": floor_bytes(layer, x), "path": path}
 
 
 def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int, seed: int) -> Optional[Dict[str, float]]:
@@ -772,6 +774,8 @@ def run_layers(args, runner: Runner, rows: List[Row], r: int, backends: Dict[str
                 row.backend = backends.get(shape_name)
             if row.name in ("ours", "official"):
                 row.floor_bytes = calls[row.name]["floor"]
+            if calls[row.name]["path"] == "triton":  # the forward's fused kernels (CUDA)
+                row.backend = "Triton forward"
         if "ours" in calls and "official" in calls:
             ours_row = next(row for row in group_rows if row.name == "ours")
             ours_row.exactness = compare_to_official(shape, grid, device, dtype, args.batch_size, args.seed)

@@ -7,11 +7,18 @@ Pick one with the HYPOTHESIS_PROFILE environment variable (default "ci"):
        for quick runs while editing.
   long many random examples, for a search before a release (minutes).
 Neither has a deadline: the first call of a torch op is much slower than the next ones.
+
+Without a GPU, Triton (when installed) runs flatten.py's kernels in its interpreter, on CPU
+tensors: TRITON_INTERPRET=1 is set here, before flatten.py defines them.
 """
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("ci", max_examples=50, derandomize=True, database=None, deadline=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])

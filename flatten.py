@@ -35,6 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # optional: fused CUDA kernels for inference (the Triton section below)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 __all__ = [
     "focus", "linear_attention", "linear_attention_matrix", "dwc_matrix", "resample_grid",
     "official_forward", "attention_map",
@@ -409,6 +415,150 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
 
 
 # -----------------------------------------------------------------------------
+# Optional Triton kernels: the inference forward on CUDA
+#
+# Used by FocusedLinearAttention when Triton imports, the input is on a CUDA device and nothing
+# needs a gradient (FocusedLinearAttention.kernel_path says which path a call takes; set
+# USE_TRITON = False to turn them off). The projections stay cuBLAS GEMMs (self.q, self.kv,
+# self.proj); everything between them is two kernels, all arithmetic in float32:
+#   keys:    per head and chunk of key tokens, phi_p(k + pe) and its partial K^T V and sum_j k_j
+#            (summed over the chunks afterwards, in a fixed order: deterministic);
+#   queries: per head and block of query tokens, t^p of the queries (their factor c cancels up to
+#            the eps, step 3 of the inference path below), the normalised t^p K^T V, plus the DWC
+#            of v over the k x k neighbours of each grid token, read straight from v.
+# The focused kernel scales by the per-token maximum, as _Focus does (exact for any p > 0). Loads
+# of the q and k rows repeat per head (norms run over all C channels); they come from cache.
+
+USE_TRITON = True
+_TRITON_BLOCK_N = 64      # tokens per tile
+_TRITON_PROGRAMS = 512    # about this many programs share the keys' reduction
+
+
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+if triton is not None:
+    @triton.jit
+    def _tl_power(t, p, P_INT: tl.constexpr):
+        # t^p, t >= 0: products for the integer powers 1 to 4 (as torch.pow), else exp2(p log2 t)
+        if P_INT == 1:
+            r = t
+        elif P_INT == 2:
+            r = t * t
+        elif P_INT == 3:
+            r = t * t * t
+        elif P_INT == 4:
+            r = (t * t) * (t * t)
+        else:
+            r = tl.exp2(p * tl.log2(tl.maximum(t, 1.1754944e-38)))
+        return r
+
+    @triton.jit
+    def _tl_focus_y(z_ptr, row_stride, rows, pe_ptr, pe_rows, s, c, mask, offset, C,
+                    HAS_PE: tl.constexpr):
+        # y = (ReLU(z + pe) + offset) / s of a (BLOCK_N, D_PAD) tile (0 where masked); s is 1 / scale
+        z = tl.load(z_ptr + rows[:, None] * row_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_PE:
+            z += tl.load(pe_ptr + pe_rows[:, None] * C + c[None, :], mask=mask, other=0.0)
+        return tl.where(mask, (tl.maximum(z, 0.0) + offset) * s[None, :], 0.0)
+
+    @triton.jit
+    def _tl_focus_stats(z_ptr, row_stride, rows, rmask, pe_ptr, pe_rows, inv_s_ptr, offset, p, C,
+                        H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HAS_PE: tl.constexpr,
+                        P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
+        # per token, over all C channels: m = max(y), ||t|| and ||t^p|| for t = y / m (masked rows: 1)
+        cols = tl.arange(0, D_PAD)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        m = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for hh in range(H):
+            c = hh * D + cols
+            s = tl.load(inv_s_ptr + c, mask=cmask, other=0.0)
+            y = _tl_focus_y(z_ptr, row_stride, rows, pe_ptr, pe_rows, s, c, mask, offset, C, HAS_PE)
+            m = tl.maximum(m, tl.max(y, axis=1))
+        m = tl.where(rmask, m, 1.0)
+        sum_t2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        sum_tp2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for hh in range(H):
+            c = hh * D + cols
+            s = tl.load(inv_s_ptr + c, mask=cmask, other=0.0)
+            t = _tl_focus_y(z_ptr, row_stride, rows, pe_ptr, pe_rows, s, c, mask, offset, C, HAS_PE) / m[:, None]
+            tp = _tl_power(t, p, P_INT)
+            sum_t2 += tl.sum(t * t, axis=1)
+            sum_tp2 += tl.sum(tp * tp, axis=1)
+        return m, tl.sqrt(tl.where(rmask, sum_t2, 1.0)), tl.sqrt(tl.where(rmask, sum_tp2, 1.0))
+
+    @triton.jit
+    def _flatten_keys_kernel(k_ptr, v_ptr, row_stride, pe_ptr, inv_s_ptr, kv_ptr, ks_ptr,
+                             n, chunk, offset, p, C, H: tl.constexpr, D: tl.constexpr,
+                             D_PAD: tl.constexpr, P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (b, chunk, head): sum over the chunk's key tokens of phi_p(k)^T v and of phi_p(k)
+        b, ch, hh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = tl.arange(0, D_PAD)
+        cmask = cols < D
+        c = hh * D + cols
+        s = tl.load(inv_s_ptr + c, mask=cmask, other=0.0)
+        kv = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+        ks = tl.zeros([D_PAD], dtype=tl.float32)
+        for start in range(ch * chunk, tl.minimum(ch * chunk + chunk, n), BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            rmask = tok < n
+            rows = b * n + tok
+            mask = rmask[:, None] & cmask[None, :]
+            m, norm_t, norm_tp = _tl_focus_stats(k_ptr, row_stride, rows, rmask, pe_ptr, tok, inv_s_ptr,
+                                                 offset, p, C, H, D, D_PAD, True, P_INT, BLOCK_N)
+            t = _tl_focus_y(k_ptr, row_stride, rows, pe_ptr, tok, s, c, mask, offset, C, True) / m[:, None]
+            phi = _tl_power(t, p, P_INT) * (norm_t * m / norm_tp)[:, None]   # ||y|| t^p / ||t^p||
+            v = tl.load(v_ptr + rows[:, None] * row_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            kv += tl.dot(tl.trans(phi), v, input_precision="ieee")
+            ks += tl.sum(phi, axis=0)
+        base = (b * tl.num_programs(1) + ch) * H + hh
+        tl.store(kv_ptr + base * D_PAD * D_PAD + cols[:, None] * D_PAD + cols[None, :], kv)
+        tl.store(ks_ptr + base * D_PAD + cols, ks)
+
+    @triton.jit
+    def _flatten_queries_kernel(q_ptr, v_ptr, v_stride, inv_s_ptr, kv_ptr, ks_ptr, w_ptr, bias_ptr,
+                                out_ptr, N, GH, GW, PREFIX, offset, p, eps, C, H: tl.constexpr,
+                                D: tl.constexpr, D_PAD: tl.constexpr, KS: tl.constexpr,
+                                P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (b, block, head): t^p KV / (t^p . ks + eps / c) + DWC(v) for a block of queries
+        b, blk, hh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        tok = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = tok < N
+        rows = b * N + tok
+        cols = tl.arange(0, D_PAD)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        c = hh * D + cols
+        m, norm_t, norm_tp = _tl_focus_stats(q_ptr, C, rows, rmask, inv_s_ptr, tok, inv_s_ptr,
+                                             offset, p, C, H, D, D_PAD, False, P_INT, BLOCK_N)
+        s = tl.load(inv_s_ptr + c, mask=cmask, other=0.0)
+        tp = _tl_power(_tl_focus_y(q_ptr, C, rows, inv_s_ptr, tok, s, c, mask, offset, C, False) / m[:, None],
+                       p, P_INT)
+        kv = tl.load(kv_ptr + (b * H + hh) * D_PAD * D_PAD + cols[:, None] * D_PAD + cols[None, :])
+        ks = tl.load(ks_ptr + (b * H + hh) * D_PAD + cols)
+        den = tl.sum(tp * ks[None, :], axis=1) + eps * norm_tp / (norm_t * m)   # eps / c
+        out = tl.dot(tp, kv, input_precision="ieee") / den[:, None]
+        # the DWC: grid tokens only (class tokens first), zero padding k // 2
+        g = tok - PREFIX
+        in_grid = rmask & (g >= 0)
+        gi, gj = g // GW, g % GW
+        acc = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        for ky in tl.static_range(KS):
+            for kx in tl.static_range(KS):
+                ii, jj = gi + (ky - KS // 2), gj + (kx - KS // 2)
+                ok = in_grid & (ii >= 0) & (ii < GH) & (jj >= 0) & (jj < GW)
+                src = b * N + PREFIX + ii * GW + jj
+                vv = tl.load(v_ptr + src[:, None] * v_stride + c[None, :],
+                             mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols * (KS * KS) + (ky * KS + kx), mask=cmask, other=0.0)
+                acc += vv * w[None, :]
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+        out += tl.where(in_grid[:, None], acc + bias[None, :], 0.0)
+        tl.store(out_ptr + rows[:, None] * C + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------
 # Attention modules
 
 
@@ -539,7 +689,10 @@ class FocusedLinearAttention(nn.Module):
             raise ValueError(f"grid {H}x{W} is smaller than sr_ratio={self.sr_ratio}")
         if x.shape[0] == 0:  # no samples: an empty output (the kernels below need one)
             return self.proj_drop(self.proj(x))
-        if self._inference_path(x):
+        path = self.kernel_path(x)
+        if path == "triton":
+            return self._forward_triton(x, H, W)
+        if path == "inference":
             return self._forward_inference(x, H, W)
         B, N, C = x.shape
         q = self.q(x)
@@ -587,13 +740,21 @@ class FocusedLinearAttention(nn.Module):
     # The folded weights are derived on every call (a few C x C operations), not cached: a cache
     # could not see parameters changed in place through .data.
 
-    def _inference_path(self, x: torch.Tensor) -> bool:
-        if self.sr_ratio != 1 or x.dtype in _HALF or x.dtype != self.scale.dtype or _is_compiling():
-            return False
-        if _autocast_enabled(x.device.type):
-            return False
-        return not (torch.is_grad_enabled()
-                    and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """Which implementation forward(x, H, W) takes: "triton" (CUDA, Triton installed and
+        USE_TRITON, nothing needs a gradient, head_dim <= 128, float32 / bfloat16 / float16),
+        "inference" (_forward_inference: no gradient needed, sr_ratio 1, float32 or float64, no
+        autocast) or "general" (forward's own code, with the hand-written backward passes; everything else)."""
+        if _is_compiling() or (torch.is_grad_enabled()
+                               and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return "general"
+        if (triton is not None and USE_TRITON and _on_cuda(x) and self.head_dim <= 128
+                and x.dtype in (torch.float32,) + _HALF):
+            return "triton"
+        if (self.sr_ratio != 1 or x.dtype in _HALF or x.dtype != self.scale.dtype
+                or _autocast_enabled(x.device.type)):
+            return "general"
+        return "inference"
 
     def _forward_inference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
@@ -640,6 +801,40 @@ class FocusedLinearAttention(nn.Module):
         torch.matmul(q, kv, out=k).mul_(r)
         out = y[1].view(B, N, C)
         out[:, P:] += self._dwc(v[:, P:], H, W)
+        return self.proj_drop(self.proj(out))
+
+    def _forward_triton(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """forward through the two Triton kernels (see the Triton section); no autograd."""
+        B, N, C = x.shape
+        h, d, P = self.num_heads, self.head_dim, self.num_prefix_tokens
+        p = float(self.focusing_factor)
+        q = self.q(x)                                           # (B, N, C), contiguous
+        k, v, kh, kw = self._keys_values(x, H, W, split=False)  # views of one (B, n, 2C) tensor
+        n = k.shape[1]
+        if n == N:
+            v_grid, v_stride = v, 2 * C
+        else:  # sr_ratio > 1 (no class tokens): v back to N tokens, as in _dwc
+            v_grid = F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False)
+            v_grid, v_stride = v_grid.transpose(1, 2).contiguous(), C
+        pe = self._positional_encoding(kh, kw).reshape(n, C).float().contiguous()
+        inv_s = F.softplus(self.scale).reshape(C).float().reciprocal()
+        p_int = int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
+        d_pad = max(16, triton.next_power_of_2(d))
+        bn = _TRITON_BLOCK_N
+        # the keys in chunks of whole tiles, about _TRITON_PROGRAMS programs in all
+        chunk = triton.cdiv(triton.cdiv(n, max(1, _TRITON_PROGRAMS // (B * h))), bn) * bn
+        chunks = triton.cdiv(n, chunk)
+        kv = x.new_empty((B, chunks, h, d_pad, d_pad), dtype=torch.float32)
+        ks = x.new_empty((B, chunks, h, d_pad), dtype=torch.float32)
+        _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s, kv, ks, n, chunk, 1e-6, p,
+                                             C, h, d, d_pad, p_int, bn)
+        kv, ks = kv.sum(dim=1), ks.sum(dim=1)                   # (B, h, d_pad, d_pad), (B, h, d_pad)
+        eps = 1e-6 * n if self.normalizer == "mean" else 1e-6  # as in linear_attention
+        weight = self.dwc.weight.reshape(d, -1).float().contiguous()
+        out = torch.empty_like(q)
+        _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
+            q, v_grid, v_stride, inv_s, kv, ks, weight, self.dwc.bias.float(), out,
+            N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, self.kernel_size, p_int, bn)
         return self.proj_drop(self.proj(out))
 
 

@@ -351,6 +351,17 @@ def test_page_faults_count_the_first_touch_of_fresh_memory():
     assert bench.minor_faults() - before < 32
 
 
+def test_layer_cases_report_the_path_of_ours(monkeypatch):
+    """run_layers labels the ours row "Triton forward" where layer_cases reports that flatten.py's
+    kernels compute its forward (CUDA with Triton installed; stood in for here)."""
+    grid, args = (4, 4), ("cpu", torch.float32, 1, 0)
+    assert bench.layer_cases("ours", bench.SHAPES["pvt"], grid, *args)["path"] == "inference"
+    assert bench.layer_cases("official", bench.SHAPES["pvt"], grid, *args)["path"] is None
+    monkeypatch.setattr(fl, "triton", object())
+    monkeypatch.setattr(fl, "_on_cuda", lambda t: True)
+    assert bench.layer_cases("ours", bench.SHAPES["pvt"], grid, *args)["path"] == "triton"
+
+
 def test_sdpa_backend_is_read_from_the_ops_that_ran():
     layer = fl.SoftmaxAttention(64, 2, qkv_bias=True).eval()
     x = torch.randn(1, 16, 64)

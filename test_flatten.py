@@ -889,3 +889,134 @@ def test_inference_path_sees_parameters_changed_in_place():
         expected = fl.official_forward(m, x, 4, 4)
     assert (after - before).abs().max() > 1e-2
     assert_close(after, expected, "after an in-place change")
+
+
+# -----------------------------------------------------------------------------
+# The Triton kernels of the CUDA inference path
+#
+# On a GPU they run as compiled; without one, in Triton's interpreter on CPU tensors
+# (conftest.py sets TRITON_INTERPRET=1), with the layer told that the tensors are on CUDA.
+
+TRITON_CASES = [  # C, h, P, sr_ratio, p, normalizer, construction grid, H, W, kernel_size, B
+    (64, 1, 0, 1, 3.0, "mean", (8, 8), 8, 8, 5, 1),     # FLatten-PVT stage 1
+    (192, 3, 1, 1, 3.0, "sum", (4, 4), 5, 7, 5, 2),     # DeiT-T with its class token, another grid
+    (48, 2, 0, 1, 2.5, "mean", (6, 6), 6, 6, 3, 1),     # p not an integer, head_dim 24 (padded to 32)
+    (64, 2, 0, 2, 3.0, "mean", (8, 8), 8, 10, 5, 1),    # sr_ratio 2: reduced keys, v interpolated
+    (32, 1, 2, 1, 1.0, "mean", (3, 5), 3, 5, 5, 2),     # p = 1, two class tokens, grid < kernel
+]
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """The device the kernels run on: CUDA, or the CPU through the interpreter."""
+    if fl.triton is None:
+        pytest.skip("Triton is not installed (pip install triton)")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    monkeypatch.setattr(fl, "_on_cuda", lambda x: True)
+    return "cpu"
+
+
+def triton_layer(case, device, dtype=torch.float32):
+    C, h, P, sr, p, normalizer, grid, H, W, ks, B = case
+    m = randomize(fl.FocusedLinearAttention(C, grid[0] * grid[1], h, qkv_bias=True, sr_ratio=sr,
+                                            focusing_factor=p, kernel_size=ks, grid_size=grid,
+                                            num_prefix_tokens=P, normalizer=normalizer), std=0.1)
+    x = seeded(B, P + H * W, C, seed=31)
+    return m.to(device, dtype), x.to(device, dtype), H, W
+
+
+@pytest.mark.parametrize("tiles", [(64, 512), (16, 2)], ids=["one-tile-chunks", "multi-tile-chunks"])
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_path_equals_the_torch_path(triton_device, monkeypatch, case, tiles):
+    """float32: the kernels against the torch path of the same layer (inference path for
+    sr_ratio 1, which the fixtures check against the official code); with 16-token tiles and two
+    programs for the keys, every chunk sums several tiles."""
+    monkeypatch.setattr(fl, "_TRITON_BLOCK_N", tiles[0])
+    monkeypatch.setattr(fl, "_TRITON_PROGRAMS", tiles[1])
+    m, x, H, W = triton_layer(case, triton_device)
+    with torch.no_grad():
+        assert m.kernel_path(x) == "triton"
+        out = m(x, H, W)
+        monkeypatch.setattr(fl, "USE_TRITON", False)
+        assert m.kernel_path(x) == ("inference" if m.sr_ratio == 1 else "general")
+        ref = m(x, H, W)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_close(out, ref, "Triton vs torch path", rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_path_in_half_precision(triton_device, monkeypatch, dtype):
+    """A half-precision layer: the GEMMs in its dtype, the rest in float32, as the torch path."""
+    m, x, H, W = triton_layer(TRITON_CASES[1], triton_device, dtype)
+    with torch.no_grad():
+        assert m.kernel_path(x) == "triton"
+        out = m(x, H, W)
+        monkeypatch.setattr(fl, "USE_TRITON", False)
+        ref = m(x, H, W)
+    ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+    assert out.dtype == dtype
+    assert_close(out, ref, f"Triton vs torch path, {dtype}", rtol=0, atol=2 * ulp)
+
+
+@pytest.mark.parametrize("p, keys_at_floor", [(3.0, False), (32.0, True)])
+def test_triton_path_on_tokens_at_the_floor(triton_device, p, keys_at_floor):
+    """Queries that ReLU flattens to the floor 1e-6 / s: the eps (moved to eps / c) is a large
+    share of their normaliser; with the keys there too and p = 32, t^p underflows but for the
+    largest entries. Against the autograd path (float32, _Focus's max scaling)."""
+    m = randomize(fl.FocusedLinearAttention(64, 16, 2, qkv_bias=True, focusing_factor=p,
+                                            num_prefix_tokens=1), std=0.1)
+    with torch.no_grad():
+        m.q.bias.fill_(-100.)
+        if keys_at_floor:
+            m.kv.bias[:64].fill_(-100.)
+    m, x = m.to(triton_device), seeded(2, 17, 64, seed=33).to(triton_device)
+    with torch.no_grad():
+        out = m(x, 4, 4)
+        other_eps = fl.official_forward(m, x, 4, 4, normalizer="sum")
+    ref = m(x.clone().requires_grad_(), 4, 4).detach()
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, f"p = {p}, Triton vs autograd path", 1e-5, 1e-5 * ref.abs().max().item())
+    if not keys_at_floor:  # the eps matters here (with p = 32 the official formulation is NaN)
+        assert (other_eps - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_triton_path_catches_a_missing_dwc_and_positional_encoding(triton_device, monkeypatch):
+    """The comparison above can fail: the kernels with the DWC's bias, or the positional
+    encoding, left out differ from the torch path by far more than its tolerance."""
+    m, x, H, W = triton_layer(TRITON_CASES[1], triton_device)
+    with torch.no_grad():
+        out = m(x, H, W)
+        pe = m._positional_encoding
+        monkeypatch.setattr(m, "_positional_encoding", lambda kh, kw: torch.zeros_like(pe(kh, kw)))
+        assert (m(x, H, W) - out).abs().max() > 1e-3
+        monkeypatch.undo()
+        monkeypatch.setattr(fl, "_on_cuda", lambda x: True)
+        m.dwc.bias.zero_()
+        assert (m(x, H, W) - out).abs().max() > 1e-3
+
+
+def test_kernel_path_selection(monkeypatch):
+    """Triton only on CUDA with nothing to differentiate; the CPU never takes it. (The checks
+    need no GPU: Triton and the device test are stand-ins.)"""
+    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
+    x = seeded(1, 16, 16, seed=32)
+    with torch.no_grad():
+        assert m.kernel_path(x) == "inference"
+    monkeypatch.setattr(fl, "triton", object())
+    with torch.no_grad():
+        assert m.kernel_path(x) == "inference"           # a CPU tensor
+        monkeypatch.setattr(fl, "_on_cuda", lambda t: True)
+        assert m.kernel_path(x) == "triton"
+        assert m.double().kernel_path(x.double()) == "inference"  # the kernels compute in float32
+        assert m.to(torch.bfloat16).kernel_path(x.bfloat16()) == "triton"
+        m.float()
+        monkeypatch.setattr(fl, "USE_TRITON", False)
+        assert m.kernel_path(x) == "inference"
+        monkeypatch.setattr(fl, "USE_TRITON", True)
+        wide = fl.FocusedLinearAttention(512, 16, 2)     # head_dim 256: beyond the kernels' tiles
+        assert wide.kernel_path(seeded(1, 16, 512)) == "inference"
+    assert m.kernel_path(x) == "general"                  # parameters that need gradients
+    assert m.requires_grad_(False).kernel_path(x.requires_grad_()) == "general"
