@@ -493,7 +493,7 @@ if triton is not None:
                              n, chunk, offset, p, C, H: tl.constexpr, D: tl.constexpr,
                              D_PAD: tl.constexpr, P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
         # program (b, chunk, head): sum over the chunk's key tokens of phi_p(k)^T v and of phi_p(k)
-        b, ch, hh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, ch, hh = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit offsets
         cols = tl.arange(0, D_PAD)
         cmask = cols < D
         c = hh * D + cols
@@ -522,7 +522,7 @@ if triton is not None:
                                 D: tl.constexpr, D_PAD: tl.constexpr, KS: tl.constexpr,
                                 P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
         # program (b, block, head): t^p KV / (t^p . ks + eps / c) + DWC(v) for a block of queries
-        b, blk, hh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, blk, hh = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         tok = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = tok < N
         rows = b * N + tok
@@ -826,15 +826,17 @@ class FocusedLinearAttention(nn.Module):
         chunks = triton.cdiv(n, chunk)
         kv = x.new_empty((B, chunks, h, d_pad, d_pad), dtype=torch.float32)
         ks = x.new_empty((B, chunks, h, d_pad), dtype=torch.float32)
-        _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s, kv, ks, n, chunk, 1e-6, p,
-                                             C, h, d, d_pad, p_int, bn)
-        kv, ks = kv.sum(dim=1), ks.sum(dim=1)                   # (B, h, d_pad, d_pad), (B, h, d_pad)
         eps = 1e-6 * n if self.normalizer == "mean" else 1e-6  # as in linear_attention
         weight = self.dwc.weight.reshape(d, -1).float().contiguous()
         out = torch.empty_like(q)
-        _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
-            q, v_grid, v_stride, inv_s, kv, ks, weight, self.dwc.bias.float(), out,
-            N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, self.kernel_size, p_int, bn)
+        # Triton launches on the current CUDA device: make it x's
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s, kv, ks, n, chunk, 1e-6, p,
+                                                 C, h, d, d_pad, p_int, bn)
+            kv, ks = kv.sum(dim=1), ks.sum(dim=1)               # (B, h, d_pad, d_pad), (B, h, d_pad)
+            _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
+                q, v_grid, v_stride, inv_s, kv, ks, weight, self.dwc.bias.float(), out,
+                N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, self.kernel_size, p_int, bn)
         return self.proj_drop(self.proj(out))
 
 
