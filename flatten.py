@@ -427,7 +427,8 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
 #            the eps, step 3 of the inference path below), the normalised t^p K^T V, plus the DWC
 #            of v over the k x k neighbours of each grid token, read straight from v.
 # The focused kernel scales by the per-token maximum, as _Focus does (exact for any p > 0). Loads
-# of the q and k rows repeat per head (norms run over all C channels); they come from cache.
+# of the q and k rows repeat per head (norms run over all C channels), meant to hit the cache.
+# Tested in Triton's interpreter on CPU tensors; not yet timed on a GPU (README).
 
 USE_TRITON = True
 _TRITON_BLOCK_N = 64      # tokens per tile
@@ -436,6 +437,7 @@ _TRITON_PROGRAMS = 512    # about this many programs share the keys' reduction
 
 def _on_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
+
 
 if triton is not None:
     @triton.jit
