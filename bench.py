@@ -15,7 +15,8 @@ What it measures, at every resolution r (image r x r):
    all with sr_ratio 1 (every query attends to every token), qkv_bias on. Methods:
    - sdpa:     softmax through F.scaled_dot_product_attention (the backend it used is named);
    - explicit: softmax with the explicit N x N matrix;
-   - ours:     focused linear attention, FocusedLinearAttention.forward (flatten.py);
+   - ours:     focused linear attention, FocusedLinearAttention.forward (flatten.py); its forward
+               row says [Triton forward] where flatten.py's Triton kernels compute it (CUDA);
    - official: the official formulation op by op (flatten.official_forward), on a layer with the
                same weights as ours (class token as ours: in the attention, not in the DWC);
    - vanilla:  linear attention with a ReLU kernel, no focusing, no DWC (the paper's Table 4);
