@@ -27,6 +27,7 @@ import functools
 import math
 import os
 import pickle
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -439,6 +440,15 @@ def _on_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
+def _triton_failed(error: Exception) -> None:
+    """The kernels failed to compile or launch (a Triton or GPU they were never run on): warn
+    once and use the torch paths for the rest of the process (correct, only slower)."""
+    global USE_TRITON
+    USE_TRITON = False
+    warnings.warn(f"flatten.py: the Triton kernels failed ({type(error).__name__}: {error}); "
+                  "using the torch path from now on (flatten.USE_TRITON = False)", RuntimeWarning)
+
+
 if triton is not None:
     @triton.jit
     def _tl_power(t, p, P_INT: tl.constexpr):
@@ -693,7 +703,13 @@ class FocusedLinearAttention(nn.Module):
             return self.proj_drop(self.proj(x))
         path = self.kernel_path(x)
         if path == "triton":
-            return self._forward_triton(x, H, W)
+            try:
+                return self._forward_triton(x, H, W)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch here
+                _triton_failed(e)
+            path = self.kernel_path(x)
         if path == "inference":
             return self._forward_inference(x, H, W)
         B, N, C = x.shape

@@ -998,6 +998,26 @@ def test_triton_path_catches_a_missing_dwc_and_positional_encoding(triton_device
         assert (m(x, H, W) - out).abs().max() > 1e-3
 
 
+def test_triton_failure_falls_back_to_the_torch_path(triton_device, monkeypatch):
+    """A kernel that fails to compile or launch (never run on this GPU or Triton version): a
+    warning, the torch path's output, and the torch path from then on."""
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    m, x, H, W = triton_layer(TRITON_CASES[1], triton_device)
+    monkeypatch.setattr(fl, "USE_TRITON", True)   # restored after the test
+    monkeypatch.setattr(fl, "_flatten_queries_kernel", Broken())
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="Triton kernels failed.*PassManager"):
+            out = m(x, H, W)
+        assert fl.USE_TRITON is False and m.kernel_path(x) == "inference"
+        ref = m(x, H, W)
+    assert torch.equal(out, ref)
+
+
 def test_kernel_path_selection(monkeypatch):
     """Triton only on CUDA with nothing to differentiate; the CPU never takes it. (The checks
     need no GPU: Triton and the device test are stand-ins.)"""
