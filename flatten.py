@@ -429,7 +429,8 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
 #            of v over the k x k neighbours of each grid token, read straight from v.
 # The focused kernel scales by the per-token maximum, as _Focus does (exact for any p > 0). Loads
 # of the q and k rows repeat per head (norms run over all C channels), meant to hit the cache.
-# Tested in Triton's interpreter on CPU tensors; not yet timed on a GPU (README).
+# Tested in Triton's interpreter on CPU tensors; not yet timed on a GPU (README). A kernel that
+# fails to compile or launch warns once and leaves the torch paths to do the work (_triton_failed).
 
 USE_TRITON = True
 _TRITON_BLOCK_N = 64      # tokens per tile
