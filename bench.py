@@ -17,6 +17,8 @@ What it measures, at every resolution r (image r x r):
    - explicit: softmax with the explicit N x N matrix;
    - ours:     focused linear attention, FocusedLinearAttention.forward (flatten.py); its forward
                row says [Triton forward] where flatten.py's Triton kernels compute it (CUDA);
+   - ours-torch: ours with the Triton kernels off (flatten.USE_TRITON = False): a default
+               method only where they run (CUDA with Triton installed), to show what they gain;
    - official: the official formulation op by op (flatten.official_forward), on a layer with the
                same weights as ours (class token as ours: in the attention, not in the DWC);
    - vanilla:  linear attention with a ReLU kernel, no focusing, no DWC (the paper's Table 4);
@@ -82,6 +84,7 @@ README.md has more and how to read it, results/cpu_float32_2threads.txt the whol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -131,6 +134,7 @@ METHODS = {
     "sdpa": "softmax, SDPA",
     "explicit": "softmax, explicit NxN",
     "ours": "focused linear (ours)",
+    "ours-torch": "focused linear (ours), no Triton",
     "official": "focused linear, official",
     "vanilla": "vanilla linear",
     "l2vit": "L2ViT linear + LCM",
@@ -167,10 +171,10 @@ def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_
     macs = 4 * B * N * C * C                # q (C -> C), kv (C -> 2C), proj (C -> C)
     if method in ("sdpa", "explicit"):
         return macs + 2 * B * N * N * C     # Q K^T and A V: N x N x d per head
-    if method not in ("ours", "official", "vanilla", "l2vit"):
+    if method not in ("ours", "ours-torch", "official", "vanilla", "l2vit"):
         raise ValueError(f"unknown method {method!r}")
     macs += 2 * B * N * C * d + B * N * C   # K^T V and Q (K^T V): N d^2 per head; Q . sum_j K_j
-    if method in ("ours", "official"):
+    if method in ("ours", "ours-torch", "official"):
         macs += B * C * G * kernel_size ** 2        # depthwise conv on v
     elif method == "l2vit":
         macs += 2 * B * C * G * lcm_kernel ** 2     # the LCM's two depthwise convs
@@ -685,7 +689,7 @@ def build_layer(method: str, shape: LayerShape, grid: Tuple[int, int]) -> nn.Mod
     G = grid[0] * grid[1]
     if method in ("sdpa", "explicit"):
         return fl.SoftmaxAttention(C, h, qkv_bias=True, fused=method == "sdpa", num_prefix_tokens=P)
-    if method in ("ours", "official"):
+    if method in ("ours", "ours-torch", "official"):
         return fl.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid, num_prefix_tokens=P)
     if method == "vanilla":
         return fl.VanillaLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
@@ -704,6 +708,16 @@ def detect_sdpa_backend(shape: LayerShape, device, dtype, batch: int) -> Optiona
     return sdpa_backend([e.name for e in prof.events()])
 
 
+@contextlib.contextmanager
+def triton_off():
+    """flatten.py without its Triton kernels (the ours-torch rows)."""
+    saved, fl.USE_TRITON = fl.USE_TRITON, False
+    try:
+        yield
+    finally:
+        fl.USE_TRITON = saved
+
+
 def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int, seed: int) -> Dict[str, Callable[[], object]]:
     """The forward and forward+backward calls of one layer method on the shape's input."""
     H, W = grid
@@ -713,6 +727,10 @@ def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     x = torch.randn(batch, shape.prefix + H * W, shape.dim, generator=g).to(device, dtype)
     if method == "official":
         forward = lambda t: fl.official_forward(layer, t, H, W)  # noqa: E731
+    elif method == "ours-torch":
+        def forward(t):
+            with triton_off():
+                return layer(t, H, W)
     else:
         forward = lambda t: layer(t, H, W)  # noqa: E731
     xg = x.detach().clone().requires_grad_(True)
@@ -726,8 +744,9 @@ def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def fwdbwd():
         return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
 
-    with torch.no_grad():  # ours: which implementation its forward call takes (flatten.kernel_path)
-        path = layer.kernel_path(x) if method == "ours" else None
+    with torch.no_grad(), triton_off() if method == "ours-torch" else contextlib.nullcontext():
+        # ours: which implementation its forward call takes (flatten.kernel_path)
+        path = layer.kernel_path(x) if method in ("ours", "ours-torch") else None
     return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer, "floor": floor_bytes(layer, x), "path": path}
 
 
@@ -773,7 +792,7 @@ def run_layers(args, runner: Runner, rows: List[Row], r: int, backends: Dict[str
             calls[row.name] = layer_cases(row.name, shape, grid, device, dtype, args.batch_size, args.seed)
             if row.name == "sdpa":
                 row.backend = backends.get(shape_name)
-            if row.name in ("ours", "official"):
+            if row.name in ("ours", "ours-torch", "official"):
                 row.floor_bytes = calls[row.name]["floor"]
             if calls[row.name]["path"] == "triton":  # the forward's fused kernels (CUDA)
                 row.backend = "Triton forward"
@@ -1284,8 +1303,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="attention layers, whole models (default both)")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
                    help="layer shapes: deit (DeiT-T layer), pvt (FLatten-PVT stage 1)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                   help="attention methods of the layer section")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                   help="attention methods of the layer section (default: all; ours-torch, ours "
+                        "without flatten.py's Triton kernels, only on CUDA with Triton installed)")
     p.add_argument("--models", nargs="+", choices=fl.list_models(), default=list(DEFAULT_MODELS),
                    metavar="MODEL", help=f"models of the model section (default {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--warmup", type=_positive_int, default=1, help="untimed calls before a cell (default 1)")
@@ -1327,6 +1347,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.torch_dtype = getattr(torch, args.dtype)
     args.threads = args.threads or _default_threads()
     args.resolutions = list(dict.fromkeys(args.resolutions))
+    if args.methods is None:  # ours-torch differs from ours only where the Triton kernels run
+        triton_runs = args.device == "cuda" and fl.triton is not None
+        args.methods = [m for m in METHODS if m != "ours-torch" or triton_runs]
     for opt in ("shapes", "methods", "models", "sections"):
         setattr(args, opt, list(dict.fromkeys(getattr(args, opt))))
     return args

@@ -69,7 +69,8 @@ def test_json_layout(tiny_run):
     assert data["header"]["torch"] == torch.__version__ and data["header"]["dtype"] == "float32"
     layers = data["layers"]
     assert {(r["shape"], r["method"]) for r in layers} == \
-        {(s, m) for s in bench.SHAPES for m in bench.METHODS}, "one row per shape x method"
+        {(s, m) for s in bench.SHAPES for m in bench.METHODS if m != "ours-torch"}, \
+        "one row per shape x method (ours-torch only where the Triton kernels run)"
     for r in layers:
         for key in ("resolution", "grid", "tokens", "gmacs", "backend", "vs_sdpa_fwd", "vs_sdpa_fwdbwd",
                     "vs_official_fwd", "vs_official_fwdbwd", "fwd", "fwdbwd"):
@@ -360,6 +361,23 @@ def test_layer_cases_report_the_path_of_ours(monkeypatch):
     monkeypatch.setattr(fl, "triton", object())
     monkeypatch.setattr(fl, "_on_cuda", lambda t: True)
     assert bench.layer_cases("ours", bench.SHAPES["pvt"], grid, *args)["path"] == "triton"
+    # ours-torch: the same layer with the kernels off, in its forward call too
+    cases = bench.layer_cases("ours-torch", bench.SHAPES["pvt"], grid, *args)
+    assert cases["path"] == "inference"
+    taken = []
+    monkeypatch.setattr(fl.FocusedLinearAttention, "_forward_triton", lambda *a: taken.append(1))
+    cases["fwd"]()
+    assert not taken and fl.USE_TRITON is True
+
+
+def test_ours_torch_is_a_default_method_only_where_triton_runs(monkeypatch):
+    assert "ours-torch" not in bench.parse_args([]).methods                 # CPU
+    assert "ours-torch" in bench.parse_args(["--methods", "ours-torch"]).methods
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fl, "triton", object())
+    assert bench.parse_args(["--device", "cuda"]).methods == list(bench.METHODS)
+    monkeypatch.setattr(fl, "triton", None)
+    assert "ours-torch" not in bench.parse_args(["--device", "cuda"]).methods
 
 
 def test_sdpa_backend_is_read_from_the_ops_that_ran():
@@ -382,7 +400,7 @@ def counted_macs(fn):
     return counter.get_total_flops() // 2  # the counter counts a multiply-add as 2 FLOPs
 
 
-@pytest.mark.parametrize("method", ["sdpa", "explicit", "ours", "official", "vanilla", "l2vit"])
+@pytest.mark.parametrize("method", ["sdpa", "explicit", "ours", "ours-torch", "official", "vanilla", "l2vit"])
 @pytest.mark.parametrize("B, C, heads, prefix, grid", [(2, 48, 3, 1, (3, 5)), (1, 64, 1, 0, (4, 4))])
 def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
     """The counter does not count the CPU scaled_dot_product_attention kernel, so the 'sdpa' formula
