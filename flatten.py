@@ -591,10 +591,11 @@ class FocusedLinearAttention(nn.Module):
     in the attention but not in the DWC; sr_ratio must then be 1), normalizer ('mean' = current
     official code, 'sum' = the code the released checkpoints were trained with).
 
-    Two ways to the same function: with autograd, hand-written backward passes (_Focus,
-    _LinearAttention); without (no_grad, inference_mode or a frozen layer; sr_ratio 1, float32
-    or float64, no autocast), a path with fewer passes (_forward_inference). The two agree to
-    float32 rounding.
+    Three ways to the same function (kernel_path(x) says which a call takes): with autograd,
+    hand-written backward passes (_Focus, _LinearAttention); without (no_grad, inference_mode
+    or a frozen layer; sr_ratio 1, float32 or float64, no autocast), a path with fewer passes
+    (_forward_inference); and without autograd on CUDA with Triton installed, two fused kernels
+    (_forward_triton). They agree to float32 rounding.
     """
 
     def __init__(self, dim: int, num_patches: int, num_heads: int = 8, qkv_bias: bool = False,
