@@ -435,10 +435,15 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
 USE_TRITON = True
 _TRITON_BLOCK_N = 64      # tokens per tile
 _TRITON_PROGRAMS = 512    # about this many programs share the keys' reduction
+_TRITON_MAX_HEAD_DIM = 64  # a d x d K^T V tile in float32 registers: at 128 it spills heavily
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
+
+
+class _TritonFailure(RuntimeError):
+    """A Triton kernel failed to compile or launch (the cause is chained)."""
 
 
 def _triton_failed(error: Exception) -> None:
@@ -462,8 +467,8 @@ if triton is not None:
             r = t * t * t
         elif P_INT == 4:
             r = (t * t) * (t * t)
-        else:
-            r = tl.exp2(p * tl.log2(tl.maximum(t, 1.1754944e-38)))
+        else:  # 0 stays 0 (masked entries; a clamp to the tiny number would give tiny^p, large for p < 1)
+            r = tl.where(t > 0, tl.exp2(p * tl.log2(tl.maximum(t, 1.1754944e-38))), 0.0)
         return r
 
     @triton.jit
@@ -707,10 +712,8 @@ class FocusedLinearAttention(nn.Module):
         if path == "triton":
             try:
                 return self._forward_triton(x, H, W)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch here
-                _triton_failed(e)
+            except _TritonFailure as e:
+                _triton_failed(e.__cause__)
             path = self.kernel_path(x)
         if path == "inference":
             return self._forward_inference(x, H, W)
@@ -762,13 +765,13 @@ class FocusedLinearAttention(nn.Module):
 
     def kernel_path(self, x: torch.Tensor) -> str:
         """Which implementation forward(x, H, W) takes: "triton" (CUDA, Triton installed and
-        USE_TRITON, nothing needs a gradient, head_dim <= 128, float32 / bfloat16 / float16),
+        USE_TRITON, nothing needs a gradient, head_dim <= 64, float32 / bfloat16 / float16),
         "inference" (_forward_inference: no gradient needed, sr_ratio 1, float32 or float64, no
         autocast) or "general" (forward's own code, with the hand-written backward passes; everything else)."""
         if _is_compiling() or (torch.is_grad_enabled()
                                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return "general"
-        if (triton is not None and USE_TRITON and _on_cuda(x) and self.head_dim <= 128
+        if (triton is not None and USE_TRITON and _on_cuda(x) and self.head_dim <= _TRITON_MAX_HEAD_DIM
                 and x.dtype in (torch.float32,) + _HALF):
             return "triton"
         if (self.sr_ratio != 1 or x.dtype in _HALF or x.dtype != self.scale.dtype
@@ -849,14 +852,22 @@ class FocusedLinearAttention(nn.Module):
         eps = 1e-6 * n if self.normalizer == "mean" else 1e-6  # as in linear_attention
         weight = self.dwc.weight.reshape(d, -1).float().contiguous()
         out = torch.empty_like(q)
-        # Triton launches on the current CUDA device: make it x's
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s, kv, ks, n, chunk, 1e-6, p,
-                                                 C, h, d, d_pad, p_int, bn)
-            kv, ks = kv.sum(dim=1), ks.sum(dim=1)               # (B, h, d_pad, d_pad), (B, h, d_pad)
-            _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
-                q, v_grid, v_stride, inv_s, kv, ks, weight, self.dwc.bias.float(), out,
-                N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, self.kernel_size, p_int, bn)
+        bias, warps = self.dwc.bias.float(), 8 if d_pad >= 64 else 4  # 8 warps: fewer register spills
+        # Only the launches are guarded: their compile errors and out-of-resources become a
+        # _TritonFailure (forward falls back); errors of the torch ops above raise as usual. (A
+        # fault inside a running kernel surfaces later, as a CUDA error, and cannot be caught here.)
+        try:  # Triton launches on the current CUDA device: make it x's
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s, kv, ks, n, chunk, 1e-6, p,
+                                                     C, h, d, d_pad, p_int, bn, num_warps=warps)
+                kv, ks = kv.sum(dim=1), ks.sum(dim=1)           # (B, h, d_pad, d_pad), (B, h, d_pad)
+                _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
+                    q, v_grid, v_stride, inv_s, kv, ks, weight, bias, out,
+                    N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, self.kernel_size, p_int, bn, num_warps=warps)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - compile, PTX assembly or launch failures
+            raise _TritonFailure(str(e)) from e
         return self.proj_drop(self.proj(out))
 
 

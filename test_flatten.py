@@ -901,6 +901,7 @@ TRITON_CASES = [  # C, h, P, sr_ratio, p, normalizer, construction grid, H, W, k
     (64, 1, 0, 1, 3.0, "mean", (8, 8), 8, 8, 5, 1),     # FLatten-PVT stage 1
     (192, 3, 1, 1, 3.0, "sum", (4, 4), 5, 7, 5, 2),     # DeiT-T with its class token, another grid
     (48, 2, 0, 1, 2.5, "mean", (6, 6), 6, 6, 3, 1),     # p not an integer, head_dim 24 (padded to 32)
+    (48, 2, 0, 1, 0.1, "mean", (5, 7), 5, 7, 3, 1),     # p < 1: padding must stay 0, not tiny^p
     (64, 2, 0, 2, 3.0, "mean", (8, 8), 8, 10, 5, 1),    # sr_ratio 2: reduced keys, v interpolated
     (32, 1, 2, 1, 1.0, "mean", (3, 5), 3, 5, 5, 2),     # p = 1, two class tokens, grid < kernel
 ]
@@ -1003,7 +1004,7 @@ def test_triton_failure_falls_back_to_the_torch_path(triton_device, monkeypatch)
     warning, the torch path's output, and the torch path from then on."""
     class Broken:
         def __getitem__(self, grid):
-            def launch(*args):
+            def launch(*args, **kwargs):
                 raise RuntimeError("PassManager::run failed")
             return launch
 
@@ -1016,6 +1017,20 @@ def test_triton_failure_falls_back_to_the_torch_path(triton_device, monkeypatch)
         assert fl.USE_TRITON is False and m.kernel_path(x) == "inference"
         ref = m(x, H, W)
     assert torch.equal(out, ref)
+
+
+def test_triton_path_lets_other_errors_through(triton_device, monkeypatch):
+    """Only the kernels' own failures fall back: an error of the torch ops around them raises,
+    and the kernels stay on."""
+    m, x, H, W = triton_layer(TRITON_CASES[0], triton_device)
+
+    def broken_projection(t):
+        raise ValueError("not a kernel failure")
+
+    monkeypatch.setattr(m.q, "forward", broken_projection)
+    with torch.no_grad(), pytest.raises(ValueError, match="not a kernel failure"):
+        m(x, H, W)
+    assert fl.USE_TRITON is True
 
 
 def test_kernel_path_selection(monkeypatch):
@@ -1036,7 +1051,7 @@ def test_kernel_path_selection(monkeypatch):
         monkeypatch.setattr(fl, "USE_TRITON", False)
         assert m.kernel_path(x) == "inference"
         monkeypatch.setattr(fl, "USE_TRITON", True)
-        wide = fl.FocusedLinearAttention(512, 16, 2)     # head_dim 256: beyond the kernels' tiles
-        assert wide.kernel_path(seeded(1, 16, 512)) == "inference"
+        wide = fl.FocusedLinearAttention(256, 16, 2)     # head_dim 128: beyond the kernels' tiles
+        assert wide.kernel_path(seeded(1, 16, 256)) == "inference"
     assert m.kernel_path(x) == "general"                  # parameters that need gradients
     assert m.requires_grad_(False).kernel_path(x.requires_grad_()) == "general"
