@@ -7,6 +7,7 @@ Fixtures of the official code are read from tests/data/ (copies of ../shared/ref
 import argparse
 import json
 import os
+import subprocess
 import sys
 import types
 import warnings
@@ -907,11 +908,22 @@ TRITON_CASES = [  # C, h, P, sr_ratio, p, normalizer, construction grid, H, W, k
 ]
 
 
+TRITON_FAILED = fl._triton_failed
+
+
 @pytest.fixture
 def triton_device(monkeypatch):
-    """The device the kernels run on: CUDA, or the CPU through the interpreter."""
+    """The device the kernels run on: CUDA, or the CPU through the interpreter. A kernel failure
+    raises here instead of falling back to the torch path (which would compare the torch path
+    with itself), and USE_TRITON is restored after each test."""
     if fl.triton is None:
         pytest.skip("Triton is not installed (pip install triton)")
+    monkeypatch.setattr(fl, "USE_TRITON", True)
+
+    def raise_it(error):
+        raise error
+
+    monkeypatch.setattr(fl, "_triton_failed", raise_it)
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -1009,7 +1021,7 @@ def test_triton_failure_falls_back_to_the_torch_path(triton_device, monkeypatch)
             return launch
 
     m, x, H, W = triton_layer(TRITON_CASES[1], triton_device)
-    monkeypatch.setattr(fl, "USE_TRITON", True)   # restored after the test
+    monkeypatch.setattr(fl, "_triton_failed", TRITON_FAILED)   # the fixture's raise_it undone
     monkeypatch.setattr(fl, "_flatten_queries_kernel", Broken())
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="Triton kernels failed.*PassManager"):
@@ -1031,6 +1043,49 @@ def test_triton_path_lets_other_errors_through(triton_device, monkeypatch):
     with torch.no_grad(), pytest.raises(ValueError, match="not a kernel failure"):
         m(x, H, W)
     assert fl.USE_TRITON is True
+
+
+AOT_COMPILE = r"""
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import flatten as fl
+
+def compile_for_sm90(kernel, dtype, warps, **constexprs):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):  # the layer's tensors in its dtype, the kernels' own in float32
+            sig[name] = "*" + (dtype if name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else "fp32")
+        else:
+            sig[name] = "fp32" if name in ("offset", "p", "eps") else "i32"
+    where = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(kernel, sig, constexprs=where)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+for dtype, d, d_pad, p_int, warps in [("fp32", 64, 64, 3, 8), ("bf16", 64, 64, 0, 8), ("fp16", 24, 32, 3, 4)]:
+    common = dict(H=3, D=d, D_PAD=d_pad, P_INT=p_int, BLOCK_N=64)
+    compile_for_sm90(fl._flatten_keys_kernel, dtype, warps, **common)
+    compile_for_sm90(fl._flatten_queries_kernel, dtype, warps, KS=5, **common)
+    print("compiled", dtype, d, p_int, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_an_sm90_gpu(tmp_path):
+    """No GPU needed: Triton compiles both kernels ahead of time, down to a cubin through its own
+    ptxas, for an H100 / H200 (sm_90), in a process without the interpreter (float32, bfloat16
+    with a non-integer p, float16 with a padded head_dim). Catches what only the compiler
+    rejects (tl.dot's shapes and precision, loop-carried types, constexpr branches)."""
+    if fl.triton is None:
+        pytest.skip("Triton is not installed (pip install triton)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh compile, not a cache hit
+    res = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("compiled") == 3, res.stdout
 
 
 def test_kernel_path_selection(monkeypatch):
