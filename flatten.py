@@ -767,7 +767,8 @@ class FocusedLinearAttention(nn.Module):
         """Which implementation forward(x, H, W) takes: "triton" (CUDA, Triton installed and
         USE_TRITON, nothing needs a gradient, head_dim <= 64, float32 / bfloat16 / float16),
         "inference" (_forward_inference: no gradient needed, sr_ratio 1, float32 or float64, no
-        autocast) or "general" (forward's own code, with the hand-written backward passes; everything else)."""
+        autocast) or "general" (forward's own code with the hand-written backward passes: the
+        rest, autograd included)."""
         if _is_compiling() or (torch.is_grad_enabled()
                                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return "general"
