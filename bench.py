@@ -74,11 +74,11 @@ README.md has more and how to read it, results/cpu_float32_2threads.txt the whol
 
     | r   | N    | method                      | fwd ms (IQR) | fwd+bwd ms (IQR) | vs SDPA     | vs official |
     |-----|------|-----------------------------|--------------|------------------|-------------|-------------|
-    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 18.0 (0.23)  | 67.6 (0.55)      | 1.00 / 1.00 | 0.13 / 0.24 |
-    | 224 | 3136 | focused linear (ours)       | 2.03 (0.19)  | 9.62 (1.79)      | 8.85 / 7.03 | 1.15 / 1.72 |
-    | 224 | 3136 | focused linear, official    | 2.34 (0.26)  | 16.5 (3.38)      | 7.67 / 4.09 | 1.00 / 1.00 |
+    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 18.4 (0.33)  | 70.0 (2.19)      | 1.00 / 1.00 | 0.15 / 0.19 |
+    | 224 | 3136 | focused linear (ours)       | 2.11 (0.21)  | 7.89 (1.85)      | 8.74 / 8.87 | 1.33 / 1.66 |
+    | 224 | 3136 | focused linear, official    | 2.81 (1.27)  | 13.1 (2.67)      | 6.57 / 5.33 | 1.00 / 1.00 |
     Ours - official, largest |difference| (float32, parameters ~ N(0, 0.1^2)):
-      r=224: output 5.4e-07 (|output| <= 1.64); gradients 1.2e-06 of their largest entry
+      r=224: output 5.4e-07 (|output| <= 1.64); gradients 1.7e-06 of their largest entry
 """
 
 from __future__ import annotations
@@ -754,7 +754,7 @@ def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int, seed
     """The largest differences between ours and the official formulation on the cell's input, on
     a layer whose every parameter is drawn from N(0, 0.1^2) (at initialisation the positional
     encoding is zero and the scale uniform, which would hide a mistake in either): of the forward
-    output (no autograd: ours takes its inference path), absolute; and of every gradient of
+    output (no autograd: ours takes its inference path, or its Triton kernels on CUDA), absolute; and of every gradient of
     forward+backward (ours: its autograd path), relative to that gradient's largest entry."""
     ours = layer_cases("ours", shape, grid, device, dtype, batch, seed)
     official = layer_cases("official", shape, grid, device, dtype, batch, seed)

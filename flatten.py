@@ -415,6 +415,15 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
         raise ValueError(f"x has {x.shape[1]} tokens but H*W{extra} = {H}*{W}{extra} = {P + H * W}")
 
 
+def _values_to_grid(v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """v (B, n, C) -> (B, H*W, C) for the DWC. Reproduced on purpose: with n != H*W (sr_ratio > 1)
+    the official code brings v back to N tokens by 1-D linear interpolation along the flattened
+    (row-major) token axis, not in 2-D."""
+    if v.shape[1] == H * W:
+        return v
+    return F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False).transpose(1, 2)
+
+
 # -----------------------------------------------------------------------------
 # Optional Triton kernels: the inference forward on CUDA
 #
@@ -684,12 +693,8 @@ class FocusedLinearAttention(nn.Module):
 
     def _dwc(self, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """DWC(v) over the patch tokens: v (B, n, C) -> (B, H*W, C), raw v (no kernel)."""
-        B, n, C = v.shape
-        if n != H * W:
-            # Reproduced on purpose: the official code brings v from n back to N tokens by 1-D
-            # linear interpolation along the flattened (row-major) token axis, not in 2-D.
-            v = F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False)
-            v = v.transpose(1, 2)
+        v = _values_to_grid(v, H, W)
+        B, _, C = v.shape
         h = self.num_heads
         # The kernel is shared by the heads: tile it over the C = h * d channels and convolve
         # (B, C, H, W) viewed channels-last on v's own memory, instead of copying v into
@@ -838,8 +843,7 @@ class FocusedLinearAttention(nn.Module):
         if n == N:
             v_grid, v_stride = v, 2 * C
         else:  # sr_ratio > 1 (no class tokens): v back to N tokens, as in _dwc
-            v_grid = F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False)
-            v_grid, v_stride = v_grid.transpose(1, 2).contiguous(), C
+            v_grid, v_stride = _values_to_grid(v, H, W).contiguous(), C
         pe = self._positional_encoding(kh, kw).reshape(n, C).float().contiguous()
         inv_s = F.softplus(self.scale).reshape(C).float().reciprocal()
         p_int = int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
