@@ -35,8 +35,11 @@ How it measures:
   random upstream gradient) with respect to the parameters and the input, in train mode.
 - Per cell: --warmup untimed calls, one call for peak memory, then the timed calls: at least
   --repeats, more until --min-time seconds are timed, at most --max-repeats. The methods of one
-  (shape, r, forward or forward+backward) group are timed round-robin, one call each in turn,
-  so that slow drifts in the machine's load hit them alike (short bursts still show in the IQR).
+  (shape, r, forward or forward+backward) group are timed in rounds, one call each, so that slow
+  drifts in the machine's load hit them alike (short bursts still show in the IQR); the order
+  within a round is shuffled (seeded), because a call can run slower or faster depending
+  on which call ran before it (caches, allocator): in a fixed order that bias would favour
+  the same method all along.
 - Times: the median and the interquartile range (IQR) of the per-call times, time.perf_counter
   around each call on CPU; CUDA events recorded around each call, after a synchronize, on GPU.
 - Threads: torch.set_num_threads(--threads), by default every CPU this process may run on.
@@ -90,6 +93,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -638,8 +642,9 @@ class Runner:
                 self._progress(case)
                 continue
             active.append(case)
+        order = random.Random(a.seed)  # a fresh order each round: no method always follows another
         while active:
-            for case in list(active):
+            for case in order.sample(active, len(active)):
                 try:
                     faults = minor_faults() if dev.type == "cpu" else None
                     case.cell.times_s.append(time_call(case.fn, dev))

@@ -51,9 +51,12 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-# the inference path scales by ||y|| while C^(-p) stays this many binary orders above the smallest
-# normal number (2^-126 in float32: p log2(C) <= 96, so p <= 12 at C = 192 and p <= 16 at C = 64)
+# the inference path focuses through t = 2^e y / ||y|| while the sum of squares behind ||t^p|| stays
+# this many binary orders clear of overflow and of the smallest normal number (_norm_scale_exponent)
 _NORM_SCALED_MARGIN = 30
+_NORM_SCALE_MAX_EXPONENT = 32  # 2^e at most: 2^e / ||y|| stays finite
+# _head_matmul: multiply-adds of one head's product from which a loop of mm beats one batched matmul
+_HEAD_MATMUL_LOOP = 1 << 23
 
 # -----------------------------------------------------------------------------
 # Functional core
@@ -238,7 +241,7 @@ def _linear_attention_forward(q, k, v, eps: float):
     dt = _compute_dtype(q)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     B, h, N, _ = q.shape
-    kv = k.transpose(-2, -1) @ v                          # (B, h, d, dv)
+    kv = _head_matmul(k.transpose(-2, -1), v)             # (B, h, d, dv)
     ks = k.sum(dim=-2)                                    # (B, h, d)
     # einsum, not q @ ks[..., None]: a batched matrix-vector bmm is several times slower on CPU
     r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_().unsqueeze(-1)  # (B, h, N, 1)
@@ -246,7 +249,7 @@ def _linear_attention_forward(q, k, v, eps: float):
         return ((q @ kv) * r).transpose(1, 2), kv, ks, r
     # written straight into (B, N, h, dv) memory: merging the heads afterwards is free
     out = torch.empty(B, N, h, v.shape[-1], dtype=dt, device=q.device)
-    torch.matmul(q, kv, out=out.transpose(1, 2)).mul_(r)
+    _head_matmul(q, kv, out=out.transpose(1, 2)).mul_(r)
     return out, kv, ks, r
 
 
@@ -275,7 +278,7 @@ class _LinearAttention(torch.autograd.Function):
         G = _matmul_like(g, kv.transpose(-2, -1), q)          # (B, h, N, d)
         gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()    # (B, h, N, 1)
         gq = G.mul_(r).addcmul_(gden, ks.unsqueeze(-2))
-        gkv = q.transpose(-2, -1) @ (g * r)                   # (B, h, d, dv)
+        gkv = _head_matmul(q.transpose(-2, -1), g * r)        # (B, h, d, dv)
         gks = torch.einsum("bhnd,bhn->bhd", q, gden.squeeze(-1))
         gk = _matmul_like(v, gkv.transpose(-2, -1), k).add_(gks.unsqueeze(-2))
         gv = _matmul_like(k, gkv, v)
@@ -286,9 +289,34 @@ def _matmul_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.
     """a @ b in the memory layout of `like`, an input of the result's shape: gradients of heads
     that are strided views of a (B, N, C) tensor then merge back into (B, N, C) without a copy.
     (When `like` was broadcast in the forward, the shapes differ: a plain product.)"""
-    if like.shape != torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]):
+    if like.shape != a.shape[:-1] + b.shape[-1:] or a.shape[:-2] != b.shape[:-2]:
         return a @ b
-    return torch.matmul(a, b, out=torch.empty_like(like))
+    return _head_matmul(a, b, out=torch.empty_like(like))
+
+
+def _head_matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b for heads (B, h, m, k) and (B, h, k, n), written into out (or a new tensor).
+
+    The heads are strided views of (B, N, C) tensors, whose B and h strides do not merge: for
+    B > 1 torch.matmul copies both operands into one batch dimension. So a large product runs as
+    one mm per (sample, head), a medium one as one bmm over the heads per sample, and only small
+    ones as one matmul. (On the 2-core CPU of README.md, for k^T v at 4,097 tokens and head_dim
+    64, one mm per head also beats one bmm over the 3 heads at batch 1.) Other shapes: matmul."""
+    if a.dim() == 4 and a.shape[:2] == b.shape[:2] and not _is_compiling():
+        B, h, m, k = a.shape
+        n = b.shape[-1]
+        loop_heads = m * k * n >= _HEAD_MATMUL_LOOP
+        if loop_heads or (B > 1 and h * m * k * n >= _HEAD_MATMUL_LOOP):
+            if out is None:
+                out = a.new_empty(a.shape[:-1] + b.shape[-1:])
+            for i in range(B):
+                if loop_heads:
+                    for j in range(h):
+                        torch.mm(a[i, j], b[i, j], out=out[i, j])
+                else:
+                    torch.matmul(a[i], b[i], out=out[i])
+            return out
+    return a @ b if out is None else torch.matmul(a, b, out=out)
 
 
 def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -422,6 +450,21 @@ def _values_to_grid(v: torch.Tensor, H: int, W: int) -> torch.Tensor:
     if v.shape[1] == H * W:
         return v
     return F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False).transpose(1, 2)
+
+
+def _norm_scale_exponent(p: float, C: int, dtype: torch.dtype) -> Optional[int]:
+    """The e of the inference path's t = 2^e y / ||y|| (step 2), or None where t = y / max(y).
+
+    t lies in [0, 2^e] and its largest entry is at least 2^e C^(-1/2), so the sum of squares of
+    t^p over the C channels lies in [2^(2pe) C^(-p), 2^(2pe) C]. e is the largest that keeps the
+    upper end _NORM_SCALED_MARGIN binary orders below overflow (at most _NORM_SCALE_MAX_EXPONENT);
+    None where the lower end then comes within the margin of the smallest normal number. The
+    small entries of t^p keep the same headroom: at e = 0 those of tokens that ReLU left near the
+    floor are subnormal in float32, whose arithmetic is several times slower on x86."""
+    fi = torch.finfo(dtype)
+    top, bottom, lc = math.log2(fi.max) - _NORM_SCALED_MARGIN, math.log2(fi.tiny) + _NORM_SCALED_MARGIN, math.log2(C)
+    e = min(_NORM_SCALE_MAX_EXPONENT, math.floor((top - lc) / (2 * p)))
+    return e if 2 * p * e - p * lc >= bottom else None
 
 
 # -----------------------------------------------------------------------------
@@ -744,13 +787,16 @@ class FocusedLinearAttention(nn.Module):
     # needs a gradient:
     #   1. The softplus scale s > 0 and the offset o = 1e-6 fold into the q and k projections:
     #      (ReLU(z) + o) / s = max(z / s + o / s, o / s). So GEMMs with Wq / s and Wk / s (biases
-    #      b / s + o / s), plus pe / s on the k block, then one clamp against the floor o / s, give
-    #      y for q and k in two contiguous blocks, (2, B * N, C).
+    #      b / s + o / s; the k GEMM adds onto (pe + bk) / s + o / s, written first), then one
+    #      clamp against the floor o / s, give y for q and k in two contiguous blocks, (2, B * N, C).
     #   2. phi_p(y) = ||y|| t^p / ||t^p|| for t = y / lambda with any lambda > 0 per token, so
-    #      phi = c t^p with c = ||y|| / ||t^p||. lambda = ||y|| costs no pass of its own (||y|| is
-    #      needed anyway): t lies in [0, 1] and its largest entry is at least C^(-1/2), so the sum
-    #      of squares behind ||t^p|| (vector_norm does not rescale) is at least C^(-p), a normal
-    #      number _NORM_SCALED_MARGIN binary orders clear of underflow while p log2(C) allows.
+    #      phi = c t^p with c = ||y|| / ||t^p||. lambda = 2^-e ||y|| costs no pass of its own
+    #      (||y|| is needed anyway): t lies in [0, 2^e] and its largest entry is at least
+    #      2^e C^(-1/2), so the sum of squares behind ||t^p|| (vector_norm does not rescale) lies
+    #      in [2^(2pe) C^(-p), 2^(2pe) C]. _norm_scale_exponent picks e to keep both ends
+    #      _NORM_SCALED_MARGIN binary orders inside the normal range (for p up to 22 at C = 192,
+    #      24 at C = 64), and as large as that allows: at e = 0 the entries of tokens near the
+    #      floor o / s are subnormal in t^(2p), and x86 is several times slower on those.
     #      Beyond that lambda = max(y), as in _Focus: t has a 1 in every token and ||t^p|| >= 1
     #      for any p. (||y|| itself needs y^2 to stay normal: y above ~1e-19, i.e. s below ~1e13
     #      in float32; the official formulation already fails there, as y^p underflows.)
@@ -765,6 +811,7 @@ class FocusedLinearAttention(nn.Module):
     #      32 MB): one block of 3 N C is meant to keep the path's other temporaries (the DWC,
     #      the output; N C each) below twice it, so that the heap keeps its pages between calls.
     #      How often that holds depends on what else the process allocates (README).
+    #   5. q KV goes into the spent k block, and r q KV + DWC(v) is one pass over it (addcmul).
     # The folded weights are derived on every call (a few C x C operations), not cached: a cache
     # could not see parameters changed in place through .data.
 
@@ -790,29 +837,29 @@ class FocusedLinearAttention(nn.Module):
         h, d, P, p = self.num_heads, self.head_dim, self.num_prefix_tokens, self.focusing_factor
         inv = F.softplus(self.scale.reshape(C)).reciprocal_()          # 1 / s
         floor = inv * 1e-6                                             # o / s
-        weight = torch.cat([self.q.weight, self.kv.weight[:C]]).view(2, C, C).mul_(inv.view(C, 1))
-        bq, bk = self.q.bias, None if self.kv.bias is None else self.kv.bias[:C]
-        if bq is None or bk is None:
-            bq, bk = (inv.new_zeros(C) if b is None else b for b in (bq, bk))
-        bias = torch.cat([bq, bk]).view(2, C).mul_(inv).add_(floor)
+        rows = inv.view(C, 1)
+        bq, bkv = self.q.bias, self.kv.bias
         # q and k in two blocks, (2, B * N, C): every pass below runs over contiguous memory;
         # v in a third block of the same buffer (step 4)
         qkv = x.new_empty(3, B * N, C)
-        y = qkv[:2]
+        y, v = qkv[:2], qkv[2].view(B, N, C)
         x2 = x.reshape(B * N, C)
-        torch.addmm(bias[0], x2, weight[0].t(), out=y[0])
-        torch.addmm(bias[1], x2, weight[1].t(), out=y[1])
+        torch.addmm(floor if bq is None else torch.addcmul(floor, bq, inv), x2, (self.q.weight * rows).t(),
+                    out=y[0])
+        # k: (pe + bk) / s + o / s written first, the GEMM adds onto it (no pass of its own for pe)
+        bk = floor if bkv is None else torch.addcmul(floor, bkv[:C], inv)
+        torch.addcmul(bk, self._positional_encoding(H, W).expand(B, N, C), inv, out=y[1].view(B, N, C))
+        torch.addmm(y[1], x2, (self.kv.weight[:C] * rows).t(), out=y[1])  # (not addmm_: flop counters miss it)
         wv = self.kv.weight[C:].t()                             # now, while x is in cache
-        if self.kv.bias is None:
+        if bkv is None:
             torch.mm(x2, wv, out=qkv[2])
         else:
-            torch.addmm(self.kv.bias[C:], x2, wv, out=qkv[2])
-        v = qkv[2].view(B, N, C)
-        y[1].view(B, N, C).addcmul_(self._positional_encoding(H, W), inv)
+            torch.addmm(bkv[C:], x2, wv, out=qkv[2])
         y.clamp_min_(floor)                                     # y of q and of k, >= o / s > 0
-        if p * math.log2(C) <= -math.log2(torch.finfo(y.dtype).tiny) - _NORM_SCALED_MARGIN:
+        e = _norm_scale_exponent(p, C, y.dtype)
+        if e is not None:
             a = torch.linalg.vector_norm(y, dim=-1, keepdim=True)   # ||y||
-            t = y.div_(a)
+            t = y.div_(a * 2.0 ** -e)                           # 2^e y / ||y||
         else:
             m = y.amax(dim=-1, keepdim=True)
             t = y.div_(m)
@@ -822,15 +869,17 @@ class FocusedLinearAttention(nn.Module):
         c = a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True))   # phi = c t^p
         t[1].mul_(c[1])                                         # the keys' phi; queries: step 3
         q, k = y.view(2, B, N, h, d).transpose(2, 3)             # (B, h, N, d) views
-        kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)
+        kv = _head_matmul(k.transpose(-2, -1), v.view(B, N, h, d).transpose(1, 2))
         eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
         eps = c[0].view(B, 1, N).reciprocal_().mul_(eps)        # eps / c of every query
         r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
-        # k is spent: the output goes into its block of y (one large buffer fewer per call)
-        torch.matmul(q, kv, out=k).mul_(r)
-        out = y[1].view(B, N, C)
-        out[:, P:] += self._dwc(v[:, P:], H, W)
-        return self.proj_drop(self.proj(out))
+        # step 5: k is spent, q KV goes into its block of y (one large buffer fewer per call)
+        _head_matmul(q, kv, out=k)
+        dwc = self._dwc(v[:, P:], H, W).view(B, N - P, h, d).transpose(1, 2)
+        torch.addcmul(dwc, k[:, :, P:], r[:, :, P:], out=k[:, :, P:])
+        if P:
+            k[:, :, :P].mul_(r[:, :, :P])
+        return self.proj_drop(self.proj(y[1].view(B, N, C)))
 
     def _forward_triton(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """forward through the two Triton kernels (see the Triton section); no autograd."""

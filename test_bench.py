@@ -286,6 +286,21 @@ def test_later_resolutions_extrapolate_from_earlier_ones():
     assert runner.estimate_s(big, "fwdbwd", "fwd") == pytest.approx(12.0), "3 x this cell's forward"
 
 
+def test_each_round_times_every_method_once_in_a_shuffled_order(monkeypatch):
+    """A fixed round-robin would always run the same method after the same other one."""
+    monkeypatch.setattr(bench, "peak_memory", lambda fn, device, op_names=(): (0, []))
+    runner = bench.Runner(small_args("--repeats", "40", "--max-repeats", "40"), torch.device("cpu"), 3,
+                          log=lambda m: None)
+    calls = []
+    rows = [bench.Row("layers", name, "x", "pvt", 32, (8, 8), 64, 10, bench.LAYER_MODES) for name in "abc"]
+    runner.run_group([bench.Case(row, "fwd", lambda n=row.name: calls.append(n)) for row in rows])
+    timed = calls[3:]  # after one warm-up call each
+    rounds = [tuple(timed[i:i + 3]) for i in range(0, len(timed), 3)]
+    assert len(rounds) == 40 and all(sorted(r) == ["a", "b", "c"] for r in rounds), rounds
+    assert len(set(rounds)) == 6, "every order of three shows up in 40 rounds"
+    assert all(row.cells["fwd"].status == "ok" and len(row.cells["fwd"].times_s) == 40 for row in rows)
+
+
 @pytest.mark.parametrize("error", [
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),

@@ -6,6 +6,7 @@ Fixtures of the official code are read from tests/data/ (copies of ../shared/ref
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -632,9 +633,30 @@ def test_linear_attention_gradcheck(normalizer):
     assert torch.autograd.gradcheck(lambda q, k, v: fl.linear_attention(q, k, v, normalizer=normalizer), (q, k, v))
 
 
-@pytest.mark.parametrize("P,sr", [(0, 1), (1, 1), (0, 2)])
-def test_module_gradients_equal_official_autograd(P, sr):
+# _head_matmul's thresholds for the shapes below (3 heads of d = 8, 64 tokens: 4,096 multiply-adds
+# per head and product): one matmul (the default), a bmm per sample, a mm per (sample, head)
+HEAD_LOOPS = [fl._HEAD_MATMUL_LOOP, 8192, 1]
+
+
+@pytest.mark.parametrize("loop", HEAD_LOOPS)
+def test_head_matmul_equals_matmul(monkeypatch, loop):
+    monkeypatch.setattr(fl, "_HEAD_MATMUL_LOOP", loop)
+    a, b = seeded(2, 64, 24, seed=26), seeded(2, 64, 24, seed=27)
+    q, k = (t.view(2, 64, 3, 8).transpose(1, 2) for t in (a, b))   # (B, h, N, d) views, as the layer's
+    kv = fl._head_matmul(k.transpose(-2, -1), q)
+    assert_close(kv, k.transpose(-2, -1) @ q, "k^T q")
+    out = torch.full_like(a, float("nan"))
+    written = fl._head_matmul(q, kv, out=out.view(2, 64, 3, 8).transpose(1, 2))
+    assert_close(out.view(2, 64, 3, 8).transpose(1, 2), q @ kv, "q kv into out")
+    assert written.data_ptr() == out.data_ptr()
+    assert_close(fl._head_matmul(q[:1], kv), q[:1] @ kv, "broadcast over the batch")
+
+
+@pytest.mark.parametrize("P,sr,loop", [(0, 1, None), (1, 1, None), (0, 2, None)] + [(1, 1, n) for n in HEAD_LOOPS[1:]])
+def test_module_gradients_equal_official_autograd(monkeypatch, P, sr, loop):
     """Our hand-written backward against autograd through the official formulation."""
+    if loop is not None:
+        monkeypatch.setattr(fl, "_HEAD_MATMUL_LOOP", loop)
     m = randomize(fl.FocusedLinearAttention(24, 64, 3, qkv_bias=True, sr_ratio=sr, num_prefix_tokens=P), std=0.3).double()
     x = seeded(2, P + 64, 24, seed=25, dtype=torch.float64).requires_grad_()
     grads = []
@@ -645,6 +667,8 @@ def test_module_gradients_equal_official_autograd(P, sr):
         grads.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}})
     for name in grads[1]:
         assert_close(grads[0][name], grads[1][name], f"grad of {name} (P={P}, sr={sr})", 1e-9, 1e-11)
+    with torch.no_grad():  # and the inference path
+        assert_close(m(x, 8, 8), fl.official_forward(m, x, 8, 8), f"no_grad forward (P={P}, sr={sr})", 1e-12, 1e-13)
 
 
 def test_backward_under_autocast():
@@ -840,12 +864,13 @@ def test_inference_path_where_the_eps_matters(monkeypatch, margin):
     assert (other_eps - slow).abs().max() > 1e-2 * slow.abs().max()
 
 
-@pytest.mark.parametrize("p", [16., 17., 26., 32.])  # at C = 64: ||y|| scaling up to p = 16, max(y) beyond
+@pytest.mark.parametrize("p", [16., 24., 25., 32.])  # at C = 64: 2^e y / ||y|| up to p = 24, max(y) beyond
 def test_inference_path_at_the_scaling_threshold(p):
     """Tokens that ReLU flattens to the floor (q and k biases -100: y = 1e-6 / s everywhere) have
-    t = C^(-1/2) in every channel, the smallest largest entry there is: at the threshold the sum
-    of squares behind ||t^p|| is C^(-p) = 2^-96 in float32, still normal. (A threshold set by
-    C^(-p/2) let it underflow to 0 here, NaN outputs, at p = 32.)"""
+    t = 2^e C^(-1/2) in every channel, the smallest largest entry there is: at the threshold
+    (p = 24, e = 1) the sum of squares behind ||t^p|| is 2^(2pe) C^(-p) = 2^-96 in float32, still
+    normal. (A threshold set by C^(-p/2) let it underflow to 0 here, NaN outputs, at p = 32.)"""
+    assert (fl._norm_scale_exponent(p, 64, torch.float32) is None) == (p > 24)
     m = randomize(fl.FocusedLinearAttention(64, 16, 1, qkv_bias=True, focusing_factor=p))
     with torch.no_grad():
         m.q.bias.fill_(-100.)
@@ -856,6 +881,43 @@ def test_inference_path_at_the_scaling_threshold(p):
     slow = m(x.clone().requires_grad_(), 4, 4).detach()
     assert torch.isfinite(fast).all()
     assert_close(fast, slow, f"p = {p}, inference vs autograd path", 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_scale_exponent_keeps_the_sum_of_squares_in_range(dtype):
+    """The e of t = 2^e y / ||y||: the sum of squares of t^p over C channels lies in
+    [2^(2pe) C^(-p), 2^(2pe) C] (t <= 2^e, largest entry >= 2^e C^(-1/2)); both ends must stay
+    _NORM_SCALED_MARGIN binary orders inside the normal range, e as large as that allows (so the
+    small entries of t^p, of tokens near the ReLU floor, are not subnormal: slow on x86)."""
+    fi, margin = torch.finfo(dtype), fl._NORM_SCALED_MARGIN
+    top, bottom = math.log2(fi.max) - margin, math.log2(fi.tiny) + margin
+    for C in (8, 32, 64, 192, 768):
+        for p in (0.05, 0.5, 1., 2.5, 3., 8., 16., 24., 40., 200.):
+            e, lc = fl._norm_scale_exponent(p, C, dtype), math.log2(C)
+            fits = lambda e: 2 * p * e + lc <= top and 2 * p * e - p * lc >= bottom  # noqa: E731
+            if e is None:
+                assert not any(fits(e) for e in range(-200, fl._NORM_SCALE_MAX_EXPONENT + 1)), (C, p)
+            else:
+                assert fits(e) and e <= fl._NORM_SCALE_MAX_EXPONENT, (C, p, e)
+                assert e == fl._NORM_SCALE_MAX_EXPONENT or not fits(e + 1), (C, p, e)
+    assert fl._norm_scale_exponent(3., 192, torch.float32) == 15  # DeiT-T's C at the default p
+
+
+def test_inference_path_leaves_no_subnormal_numbers_at_the_default_p(monkeypatch):
+    """Keys and queries near the ReLU floor (1e-6 / s) next to entries of order 1: with t scaled
+    by 1 / ||y|| alone, t^3 squared is ~1e-40 there, subnormal. Checked on t^p as the path
+    computes it, captured from its second vector_norm."""
+    seen = []
+    norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda t, *a, **k: seen.append(t.clone()) or norm(t, *a, **k))
+    m = randomize(fl.FocusedLinearAttention(192, 64, 3, qkv_bias=True, num_prefix_tokens=1))
+    x = seeded(1, 65, 192, seed=50)
+    with torch.no_grad():
+        m(x, 8, 8)
+    tp = seen[1]
+    floor = tp.min()
+    assert floor > 0 and (tp.square() >= torch.finfo(torch.float32).tiny).all(), floor
+    assert (tp == 0).sum() == 0
 
 
 def test_inference_path_with_only_one_of_the_biases():
