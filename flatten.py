@@ -877,6 +877,7 @@ class FocusedLinearAttention(nn.Module):
         _head_matmul(q, kv, out=k)
         dwc = self._dwc(v[:, P:], H, W).view(B, N - P, h, d).transpose(1, 2)
         torch.addcmul(dwc, k[:, :, P:], r[:, :, P:], out=k[:, :, P:])
+        del dwc  # before the projection allocates its output: the peak stays at 4 N C
         if P:
             k[:, :, :P].mul_(r[:, :, :P])
         return self.proj_drop(self.proj(y[1].view(B, N, C)))
