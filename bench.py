@@ -77,9 +77,9 @@ README.md has more and how to read it, results/cpu_float32_2threads.txt the whol
 
     | r   | N    | method                      | fwd ms (IQR) | fwd+bwd ms (IQR) | vs SDPA     | vs official |
     |-----|------|-----------------------------|--------------|------------------|-------------|-------------|
-    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 18.4 (0.33)  | 70.0 (2.19)      | 1.00 / 1.00 | 0.15 / 0.19 |
-    | 224 | 3136 | focused linear (ours)       | 2.11 (0.21)  | 7.89 (1.85)      | 8.74 / 8.87 | 1.33 / 1.66 |
-    | 224 | 3136 | focused linear, official    | 2.81 (1.27)  | 13.1 (2.67)      | 6.57 / 5.33 | 1.00 / 1.00 |
+    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 18.3 (0.38)  | 68.1 (1.78)      | 1.00 / 1.00 | 0.14 / 0.25 |
+    | 224 | 3136 | focused linear (ours)       | 2.00 (0.26)  | 9.32 (1.26)      | 9.16 / 7.31 | 1.25 / 1.79 |
+    | 224 | 3136 | focused linear, official    | 2.50 (0.56)  | 16.7 (2.81)      | 7.31 / 4.08 | 1.00 / 1.00 |
     Ours - official, largest |difference| (float32, parameters ~ N(0, 0.1^2)):
       r=224: output 5.4e-07 (|output| <= 1.64); gradients 1.7e-06 of their largest entry
 """
@@ -495,7 +495,7 @@ class Case:
 
 
 class Runner:
-    """Runs groups of cases (warm-up, memory, round-robin timing) within the time budgets."""
+    """Runs groups of cases (warm-up, memory, timing in shuffled rounds) within the time budgets."""
 
     def __init__(self, args, device: torch.device, total_cells: int, log=None):
         self.args, self.device = args, device
@@ -604,7 +604,8 @@ class Runner:
             torch.cuda.empty_cache()
 
     def run_group(self, cases: List[Case]) -> None:
-        """Warm up and measure memory per case, then time all of them round-robin."""
+        """Warm up and measure memory per case, then time all of them in rounds, one call each,
+        in a fresh (seeded) order every round."""
         a, dev = self.args, self.device
         free = free_memory(dev)
         active: List[Case] = []
