@@ -848,8 +848,9 @@ class FocusedLinearAttention(nn.Module):
                     out=y[0])
         # k: (pe + bk) / s + o / s written first, the GEMM adds onto it (no pass of its own for pe)
         bk = floor if bkv is None else torch.addcmul(floor, bkv[:C], inv)
-        torch.addcmul(bk, self._positional_encoding(H, W).expand(B, N, C), inv, out=y[1].view(B, N, C))
-        torch.addmm(y[1], x2, (self.kv.weight[:C] * rows).t(), out=y[1])  # (not addmm_: flop counters miss it)
+        yk = y[1]
+        torch.addcmul(bk, self._positional_encoding(H, W).expand(B, N, C), inv, out=yk.view(B, N, C))
+        torch.addmm(yk, x2, (self.kv.weight[:C] * rows).t(), out=yk)  # (not addmm_: flop counters miss it)
         wv = self.kv.weight[C:].t()                             # now, while x is in cache
         if bkv is None:
             torch.mm(x2, wv, out=qkv[2])
@@ -880,7 +881,7 @@ class FocusedLinearAttention(nn.Module):
         del dwc  # before the projection allocates its output: the peak stays at 4 N C
         if P:
             k[:, :, :P].mul_(r[:, :, :P])
-        return self.proj_drop(self.proj(y[1].view(B, N, C)))
+        return self.proj_drop(self.proj(yk.view(B, N, C)))
 
     def _forward_triton(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """forward through the two Triton kernels (see the Triton section); no autograd."""
