@@ -37,9 +37,9 @@ How it measures:
   --repeats, more until --min-time seconds are timed, at most --max-repeats. The methods of one
   (shape, r, forward or forward+backward) group are timed in rounds, one call each, so that slow
   drifts in the machine's load hit them alike (short bursts still show in the IQR); the order
-  within a round is shuffled (seeded), because a call can run slower or faster depending
-  on which call ran before it (caches, allocator): in a fixed order that bias would favour
-  the same method all along.
+  within a round is shuffled (seeded): a call may run slower or faster depending on which
+  call ran before it (caches, allocator), and a fixed order would give any such bias to the
+  same method all along (README.md: three runs in each order showed none beyond the noise).
 - Times: the median and the interquartile range (IQR) of the per-call times, time.perf_counter
   around each call on CPU; CUDA events recorded around each call, after a synchronize, on GPU.
 - Threads: torch.set_num_threads(--threads), by default every CPU this process may run on.
@@ -1324,7 +1324,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=_non_negative, default=120.0,
                    help="skip the cells that would not finish within this many seconds of the run; "
                         "0: no limit (default 120)")
-    p.add_argument("--seed", type=int, default=0, help="of the weights and inputs (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="of the weights, the inputs and the timing order (default 0)")
     p.add_argument("--json", metavar="PATH", help="save every number and the header facts as JSON")
     p.add_argument("--csv", metavar="PATH", help="save one line per cell as CSV")
     p.add_argument("--plot", metavar="PATH", help="save a log-log plot of time and memory against tokens "

@@ -227,6 +227,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     (B, N, h, dv) tensor, so merging the heads back is free.
     """
     _check_normalizer(normalizer)
+    q, k, v = _attention_operands(q, k, v)
     eps = eps * k.shape[-2] if normalizer == "mean" else eps
     with _autocast_off(q.device.type):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -234,6 +235,21 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
         else:
             out = _linear_attention_forward(q, k, v, float(eps))[0]
     return out.to(v.dtype).transpose(1, 2)                  # (B, N, h, dv) memory
+
+
+def _attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v of linear_attention, checked, with batch and head dims broadcast to one shape."""
+    if (q.dim(), k.dim(), v.dim()) != (4, 4, 4) or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError("expected q (B, h, N, d), k (B, h, n, d), v (B, h, n, dv), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:2] == k.shape[:2] == v.shape[:2]:
+        return q, k, v
+    try:
+        batch = torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2])
+    except RuntimeError:
+        raise ValueError("the (B, h) of q, k and v must be equal or broadcast, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}") from None
+    return tuple(t.expand(batch + t.shape[2:]) for t in (q, k, v))
 
 
 def _linear_attention_forward(q, k, v, eps: float):
@@ -289,8 +305,8 @@ def _matmul_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.
     """a @ b in the memory layout of `like`, an input of the result's shape: gradients of heads
     that are strided views of a (B, N, C) tensor then merge back into (B, N, C) without a copy.
     (When `like` was broadcast in the forward, the shapes differ: a plain product.)"""
-    if like.shape != a.shape[:-1] + b.shape[-1:] or a.shape[:-2] != b.shape[:-2]:
-        return a @ b
+    if like.shape != a.shape[:-1] + b.shape[-1:] or a.shape[:-2] != b.shape[:-2] or _is_compiling():
+        return a @ b  # (the compiler picks its own layouts, and rejects a strided out=)
     return _head_matmul(a, b, out=torch.empty_like(like))
 
 
@@ -298,10 +314,10 @@ def _head_matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] =
     """a @ b for heads (B, h, m, k) and (B, h, k, n), written into out (or a new tensor).
 
     The heads are strided views of (B, N, C) tensors, whose B and h strides do not merge: for
-    B > 1 torch.matmul copies both operands into one batch dimension. So a large product runs as
+    B > 1 torch.matmul copies the strided operands into one batch dimension. So a large product runs as
     one mm per (sample, head), a medium one as one bmm over the heads per sample, and only small
-    ones as one matmul. (On the 2-core CPU of README.md, for k^T v at 4,097 tokens and head_dim
-    64, one mm per head also beats one bmm over the 3 heads at batch 1.) Other shapes: matmul."""
+    ones as one matmul (the forms and the threshold _HEAD_MATMUL_LOOP were chosen by timing them
+    on the CPU of README.md). Other shapes: matmul."""
     if a.dim() == 4 and a.shape[:2] == b.shape[:2] and not _is_compiling():
         B, h, m, k = a.shape
         n = b.shape[-1]
@@ -463,7 +479,8 @@ def _norm_scale_exponent(p: float, C: int, dtype: torch.dtype) -> Optional[int]:
     floor are subnormal in float32, whose arithmetic is several times slower on x86."""
     fi = torch.finfo(dtype)
     top, bottom, lc = math.log2(fi.max) - _NORM_SCALED_MARGIN, math.log2(fi.tiny) + _NORM_SCALED_MARGIN, math.log2(C)
-    e = min(_NORM_SCALE_MAX_EXPONENT, math.floor((top - lc) / (2 * p)))
+    bound = (top - lc) / (2 * p)  # inf for a p this small that 2p is 0 in float
+    e = _NORM_SCALE_MAX_EXPONENT if bound >= _NORM_SCALE_MAX_EXPONENT else math.floor(bound)
     return e if 2 * p * e - p * lc >= bottom else None
 
 
@@ -868,11 +885,14 @@ class FocusedLinearAttention(nn.Module):
         if p != 1:
             t.pow_(p)
         c = a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True))   # phi = c t^p
-        t[1].mul_(c[1])                                         # the keys' phi; queries: step 3
+        # the queries t^p are up to 2^(pe): the keys take 2^(-pe) (their phi times 2^(-pe)), so
+        # that q KV keeps the magnitude of phi(q) KV; the normaliser's eps / c follows (step 3)
+        back = 1.0 if e is None else 2.0 ** (-p * e)
+        t[1].mul_(c[1].mul_(back))                              # the keys' phi 2^(-pe); queries: step 3
         q, k = y.view(2, B, N, h, d).transpose(2, 3)             # (B, h, N, d) views
         kv = _head_matmul(k.transpose(-2, -1), v.view(B, N, h, d).transpose(1, 2))
         eps = 1e-6 * N if self.normalizer == "mean" else 1e-6  # as in linear_attention
-        eps = c[0].view(B, 1, N).reciprocal_().mul_(eps)        # eps / c of every query
+        eps = c[0].view(B, 1, N).reciprocal_().mul_(eps * back)  # 2^(-pe) eps / c of every query
         r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
         # step 5: k is spent, q KV goes into its block of y (one large buffer fewer per call)
         _head_matmul(q, kv, out=k)

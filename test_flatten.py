@@ -595,6 +595,20 @@ def test_compile_fullgraph_no_graph_break():
             assert_close(compiled(x, H, W), m(x, H, W), f"compiled at {H}x{W}")
 
 
+def test_compile_fullgraph_with_gradients():
+    """The backward passes too: no strided out= under the compiler (it rejects them)."""
+    m = randomize(fl.FocusedLinearAttention(32, 64, 2, qkv_bias=True, num_prefix_tokens=1))
+    x = seeded(2, 65, 32, seed=53)
+    grads = []
+    for fn in (torch.compile(m, fullgraph=True, backend="eager"), m):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        fn(xi, 8, 8).square().sum().backward()
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert_close(a, b, "gradients, compiled and eager", 1e-5, 1e-6 * b.abs().max().item())
+
+
 @pytest.mark.slow
 def test_compile_inductor():
     m = randomize(fl.FocusedLinearAttention(32, 64, 2, qkv_bias=True))
@@ -748,19 +762,37 @@ def test_depthwise_conv_equals_conv2d_autograd():
         assert_close(a, r, f"grad of {name}", 1e-5, 1e-5 * r.abs().max().item())
 
 
-def test_linear_attention_with_keys_broadcast_over_the_batch():
-    """k and v shared by the batch (broadcast): right gradients, no resize warning."""
+@pytest.mark.parametrize("shapes", [((3, 2), (1, 2), (1, 2)),     # keys and values shared by the batch
+                                    ((1, 2), (3, 2), (3, 2)),     # queries shared
+                                    ((3, 1), (3, 2), (1, 2))])    # queries shared by the heads, values by the batch
+def test_linear_attention_with_operands_broadcast(shapes):
+    """Leading (B, h) dims broadcast as in matmul: right outputs and gradients, no resize warning.
+    (A broadcast q once gave an output of q's (B, h) with the other samples' rows: garbage.)"""
     g = torch.Generator().manual_seed(45)
-    q = (torch.rand(3, 2, 6, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
-    k = (torch.rand(1, 2, 5, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
-    v = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    (bq, hq), (bk, hk), (bv, hv) = shapes
+    q = (torch.rand(bq, hq, 6, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    k = (torch.rand(bk, hk, 5, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    v = torch.randn(bv, hv, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ours = torch.autograd.grad(fl.linear_attention(q, k, v).sum(), (q, k, v))
-    ref = torch.autograd.grad((fl.linear_attention_matrix(q, k) @ v).sum(), (q, k, v))
+        out = fl.linear_attention(q, k, v)
+        ours = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = fl.linear_attention_matrix(q, k) @ v
+    assert_close(out, expected, "output", 1e-12, 1e-13)
+    ref = torch.autograd.grad(expected.square().sum(), (q, k, v))
     for name, a, b in zip("qkv", ours, ref):
         assert a.shape == b.shape
         assert_close(a, b, f"grad of {name}", 1e-12, 1e-13)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 6, 4), (2, 3, 5, 4), (2, 3, 4, 4)),   # n of k and v differ
+                                    ((2, 3, 6, 4), (2, 3, 5, 8), (2, 3, 5, 4)),   # d of q and k differ
+                                    ((2, 3, 6, 4), (2, 2, 5, 4), (2, 2, 5, 4)),   # heads 3 and 2
+                                    ((3, 6, 4), (3, 5, 4), (3, 5, 4))])           # no head dimension
+def test_linear_attention_rejects_mismatched_shapes(shapes):
+    q, k, v = (torch.rand(*s) for s in shapes)
+    with pytest.raises(ValueError, match=r"expected q \(B, h, N, d\)|must be equal or broadcast"):
+        fl.linear_attention(q, k, v)
 
 
 def test_module_gradcheck():
@@ -918,6 +950,32 @@ def test_inference_path_leaves_no_subnormal_numbers_at_the_default_p(monkeypatch
     floor = tp.min()
     assert floor > 0 and (tp.square() >= torch.finfo(torch.float32).tiny).all(), floor
     assert (tp == 0).sum() == 0
+
+
+def test_inference_path_with_large_values():
+    """Values of 1e30: the inference path's queries are t^p of up to 2^(pe), so its keys take
+    2^(-pe); without that q KV overflowed float32 from values of about 1e25, where the official
+    formulation is still finite."""
+    m = randomize(fl.FocusedLinearAttention(192, 16, 3, qkv_bias=True, num_prefix_tokens=1))
+    with torch.no_grad():
+        m.kv.weight[192:].mul_(1e30)
+        m.kv.bias[192:].mul_(1e30)
+        m.dwc.weight.mul_(1e-30)  # keep the DWC's share, and the output, of the same order
+    x = seeded(1, 17, 192, seed=51)
+    with torch.no_grad():
+        fast = m(x, 4, 4)
+        official = fl.official_forward(m, x, 4, 4)
+    assert torch.isfinite(official).all()
+    assert_close(fast, official, "values of 1e30", 1e-4, 1e-5 * official.abs().max().item())
+
+
+def test_inference_path_with_a_tiny_focusing_factor():
+    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True, focusing_factor=1e-300))
+    assert fl._norm_scale_exponent(1e-300, 16, torch.float32) == fl._NORM_SCALE_MAX_EXPONENT
+    x = seeded(1, 16, 16, seed=52)
+    with torch.no_grad():
+        fast = m(x, 4, 4)
+    assert_close(fast, m(x.clone().requires_grad_(), 4, 4).detach(), "p = 1e-300")
 
 
 def test_inference_path_with_only_one_of_the_biases():
