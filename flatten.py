@@ -314,10 +314,10 @@ def _head_matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] =
     """a @ b for heads (B, h, m, k) and (B, h, k, n), written into out (or a new tensor).
 
     The heads are strided views of (B, N, C) tensors, whose B and h strides do not merge: for
-    B > 1 torch.matmul copies the strided operands into one batch dimension. So a large product runs as
-    one mm per (sample, head), a medium one as one bmm over the heads per sample, and only small
-    ones as one matmul (the forms and the threshold _HEAD_MATMUL_LOOP were chosen by timing them
-    on the CPU of README.md). Other shapes: matmul."""
+    B > 1 torch.matmul copies the strided operands into one batch dimension. So a large product
+    runs as one mm per (sample, head), a medium one as one bmm over the heads per sample, and
+    only small ones as one matmul (the forms and the threshold _HEAD_MATMUL_LOOP were chosen by
+    timing them on the CPU of README.md). Other shapes: matmul."""
     if a.dim() == 4 and a.shape[:2] == b.shape[:2] and not _is_compiling():
         B, h, m, k = a.shape
         n = b.shape[-1]
@@ -476,9 +476,9 @@ def _norm_scale_exponent(p: float, C: int, dtype: torch.dtype) -> Optional[int]:
     upper end _NORM_SCALED_MARGIN binary orders below overflow (at most _NORM_SCALE_MAX_EXPONENT);
     None where the lower end then comes within the margin of the smallest normal number. The
     small entries of t^p keep the same headroom: at e = 0 those of tokens that ReLU left near the
-    floor are subnormal in float32, whose arithmetic is several times slower on x86."""
-    fi = torch.finfo(dtype)
-    top, bottom, lc = math.log2(fi.max) - _NORM_SCALED_MARGIN, math.log2(fi.tiny) + _NORM_SCALED_MARGIN, math.log2(C)
+    floor are subnormal in float32, whose arithmetic is much slower on x86."""
+    fi, lc = torch.finfo(dtype), math.log2(C)
+    top, bottom = math.log2(fi.max) - _NORM_SCALED_MARGIN, math.log2(fi.tiny) + _NORM_SCALED_MARGIN
     bound = (top - lc) / (2 * p)  # inf for a p this small that 2p is 0 in float
     e = _NORM_SCALE_MAX_EXPONENT if bound >= _NORM_SCALE_MAX_EXPONENT else math.floor(bound)
     return e if 2 * p * e - p * lc >= bottom else None
@@ -813,7 +813,7 @@ class FocusedLinearAttention(nn.Module):
     #      in [2^(2pe) C^(-p), 2^(2pe) C]. _norm_scale_exponent picks e to keep both ends
     #      _NORM_SCALED_MARGIN binary orders inside the normal range (for p up to 22 at C = 192,
     #      24 at C = 64), and as large as that allows: at e = 0 the entries of tokens near the
-    #      floor o / s are subnormal in t^(2p), and x86 is several times slower on those.
+    #      floor o / s are subnormal in t^(2p), and x86 is much slower on those.
     #      Beyond that lambda = max(y), as in _Focus: t has a 1 in every token and ||t^p|| >= 1
     #      for any p. (||y|| itself needs y^2 to stay normal: y above ~1e-19, i.e. s below ~1e13
     #      in float32; the official formulation already fails there, as y^p underflows.)
