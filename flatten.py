@@ -304,9 +304,9 @@ class _LinearAttention(torch.autograd.Function):
 def _matmul_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """a @ b in the memory layout of `like`, an input of the result's shape: gradients of heads
     that are strided views of a (B, N, C) tensor then merge back into (B, N, C) without a copy.
-    (When `like` was broadcast in the forward, the shapes differ: a plain product.)"""
-    if like.shape != a.shape[:-1] + b.shape[-1:] or a.shape[:-2] != b.shape[:-2] or _is_compiling():
-        return a @ b  # (the compiler picks its own layouts, and rejects a strided out=)
+    (linear_attention gives all operands one (B, h); a broadcast `like` gets a dense layout.)"""
+    if _is_compiling():
+        return a @ b  # the compiler picks its own layouts, and rejects a strided out=
     return _head_matmul(a, b, out=torch.empty_like(like))
 
 
