@@ -17,7 +17,7 @@ What it measures, at every resolution r (image r x r):
    - explicit: softmax with the explicit N x N matrix;
    - ours:     focused linear attention, FocusedLinearAttention.forward (flatten.py); its forward
                row says [Triton forward] where flatten.py's Triton kernels compute it (CUDA);
-   - ours-torch: ours with the Triton kernels off (flatten.USE_TRITON = False): a default
+   - ours-torch: ours with the Triton kernels off (flatten.set_fast_path('torch')): a default
                method only where they run (CUDA with Triton installed), to show what they gain;
    - official: the official formulation op by op (flatten.official_forward), on a layer with the
                same weights as ours (class token as ours: in the attention, not in the DWC);
@@ -717,11 +717,12 @@ def detect_sdpa_backend(shape: LayerShape, device, dtype, batch: int) -> Optiona
 @contextlib.contextmanager
 def triton_off():
     """flatten.py without its Triton kernels (the ours-torch rows)."""
-    saved, fl.USE_TRITON = fl.USE_TRITON, False
+    saved = fl.get_fast_path()
+    fl.set_fast_path("torch")
     try:
         yield
     finally:
-        fl.USE_TRITON = saved
+        fl.set_fast_path(saved)
 
 
 def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int, seed: int) -> Dict[str, Callable[[], object]]:

@@ -48,6 +48,7 @@ __all__ = [
     "FocusedLinearAttention", "SoftmaxAttention", "VanillaLinearAttention", "L2ViTLinearAttention",
     "PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
     "create_model", "list_models", "load_pretrained", "checkpoint_filter_fn",
+    "set_fast_path", "get_fast_path",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -488,8 +489,8 @@ def _norm_scale_exponent(p: float, C: int, dtype: torch.dtype) -> Optional[int]:
 # Optional Triton kernels: the inference forward on CUDA
 #
 # Used by FocusedLinearAttention when Triton imports, the input is on a CUDA device and nothing
-# needs a gradient (FocusedLinearAttention.kernel_path says which path a call takes; set
-# USE_TRITON = False to turn them off). The projections stay cuBLAS GEMMs (self.q, self.kv,
+# needs a gradient (FocusedLinearAttention.kernel_path says which path a call takes; 
+# flatten.set_fast_path("torch") turns them off). The projections stay cuBLAS GEMMs (self.q, self.kv,
 # self.proj); everything between them is two kernels, all arithmetic in float32:
 #   keys:    per head and chunk of key tokens, phi_p(k + pe) and its partial K^T V and sum_j k_j
 #            (summed over the chunks afterwards, in a fixed order: deterministic);
@@ -501,10 +502,31 @@ def _norm_scale_exponent(p: float, C: int, dtype: torch.dtype) -> Optional[int]:
 # Tested in Triton's interpreter on CPU tensors; not yet timed on a GPU (README). A kernel that
 # fails to compile or launch warns once and leaves the torch paths to do the work (_triton_failed).
 
-USE_TRITON = True
 _TRITON_BLOCK_N = 64      # tokens per tile
 _TRITON_PROGRAMS = 512    # about this many programs share the keys' reduction
 _TRITON_MAX_HEAD_DIM = 64  # a d x d K^T V tile in float32 registers: at 128 it spills heavily
+_FAST_PATH_MODES = ("auto", "torch", "off")
+_fast_path_mode = os.environ.get("FLATTEN_FAST_PATH", "auto").strip().lower()
+_triton_failures: set = set()  # configurations whose kernels failed to compile or launch
+
+
+def set_fast_path(mode: str) -> None:
+    """Choose the fast paths of FocusedLinearAttention for this process: "auto" (default: every
+    one that applies, the Triton kernels on CUDA included), "torch" (the torch ones only) or
+    "off" (always the reference forward). The environment variable FLATTEN_FAST_PATH sets the
+    mode at import."""
+    global _fast_path_mode
+    if mode not in _FAST_PATH_MODES:
+        raise ValueError(f"fast path mode must be one of {', '.join(_FAST_PATH_MODES)}, got {mode!r}")
+    _fast_path_mode = mode
+
+
+def get_fast_path() -> str:
+    """The mode set_fast_path (or FLATTEN_FAST_PATH) chose."""
+    if _fast_path_mode not in _FAST_PATH_MODES:
+        raise ValueError(f"FLATTEN_FAST_PATH must be one of {', '.join(_FAST_PATH_MODES)}, "
+                         f"got {_fast_path_mode!r}")
+    return _fast_path_mode
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
@@ -515,13 +537,13 @@ class _TritonFailure(RuntimeError):
     """A Triton kernel failed to compile or launch (the cause is chained)."""
 
 
-def _triton_failed(error: Exception) -> None:
-    """The kernels failed to compile or launch (a Triton or GPU they were never run on): warn
-    once and use the torch paths for the rest of the process (correct, only slower)."""
-    global USE_TRITON
-    USE_TRITON = False
-    warnings.warn(f"flatten.py: the Triton kernels failed ({type(error).__name__}: {error}); "
-                  "using the torch path from now on (flatten.USE_TRITON = False)", RuntimeWarning)
+def _triton_failed(key: tuple, error: Exception) -> None:
+    """The kernels failed to compile or launch for this configuration (a Triton or GPU they were
+    never run on): warn once, and use the torch paths for it from now on (correct, only slower)."""
+    _triton_failures.add(key)
+    warnings.warn(f"flatten.py: the Triton kernels failed ({type(error).__name__}: {error}); this "
+                  "configuration uses the torch path from now on. To skip them: "
+                  "flatten.set_fast_path('torch') or FLATTEN_FAST_PATH=torch", RuntimeWarning)
 
 
 if triton is not None:
@@ -778,7 +800,7 @@ class FocusedLinearAttention(nn.Module):
             try:
                 return self._forward_triton(x, H, W)
             except _TritonFailure as e:
-                _triton_failed(e.__cause__)
+                _triton_failed(self._triton_key(x), e.__cause__)
             path = self.kernel_path(x)
         if path == "inference":
             return self._forward_inference(x, H, W)
@@ -834,20 +856,26 @@ class FocusedLinearAttention(nn.Module):
 
     def kernel_path(self, x: torch.Tensor) -> str:
         """Which implementation forward(x, H, W) takes: "triton" (CUDA, Triton installed and
-        USE_TRITON, nothing needs a gradient, head_dim <= 64, float32 / bfloat16 / float16),
+        fast path "auto", nothing needs a gradient, head_dim <= 64, float32 / bfloat16 / float16),
         "inference" (_forward_inference: no gradient needed, sr_ratio 1, float32 or float64, no
         autocast) or "general" (forward's own code with the hand-written backward passes: the
         rest, autograd included)."""
         if _is_compiling() or (torch.is_grad_enabled()
                                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return "general"
-        if (triton is not None and USE_TRITON and _on_cuda(x) and self.head_dim <= _TRITON_MAX_HEAD_DIM
-                and x.dtype in (torch.float32,) + _HALF):
+        mode = get_fast_path()
+        if mode == "off":
+            return "general"
+        if (triton is not None and mode == "auto" and _on_cuda(x) and self.head_dim <= _TRITON_MAX_HEAD_DIM
+                and x.dtype in (torch.float32,) + _HALF and self._triton_key(x) not in _triton_failures):
             return "triton"
         if (self.sr_ratio != 1 or x.dtype in _HALF or x.dtype != self.scale.dtype
                 or _autocast_enabled(x.device.type)):
             return "general"
         return "inference"
+
+    def _triton_key(self, x: torch.Tensor) -> tuple:
+        return (x.device, x.dtype, self.head_dim, self.num_heads, self.kernel_size, float(self.focusing_factor))
 
     def _forward_inference(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape

@@ -382,7 +382,7 @@ def test_layer_cases_report_the_path_of_ours(monkeypatch):
     taken = []
     monkeypatch.setattr(fl.FocusedLinearAttention, "_forward_triton", lambda *a: taken.append(1))
     cases["fwd"]()
-    assert not taken and fl.USE_TRITON is True
+    assert not taken and fl.get_fast_path() == "auto"
 
 
 def test_ours_torch_is_a_default_method_only_where_triton_runs(monkeypatch):

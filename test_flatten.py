@@ -1035,12 +1035,13 @@ TRITON_FAILED = fl._triton_failed
 def triton_device(monkeypatch):
     """The device the kernels run on: CUDA, or the CPU through the interpreter. A kernel failure
     raises here instead of falling back to the torch path (which would compare the torch path
-    with itself), and USE_TRITON is restored after each test."""
+    with itself), and the fast path mode is restored after each test."""
     if fl.triton is None:
         pytest.skip("Triton is not installed (pip install triton)")
-    monkeypatch.setattr(fl, "USE_TRITON", True)
+    monkeypatch.setattr(fl, "_fast_path_mode", "auto")
+    monkeypatch.setattr(fl, "_triton_failures", set())
 
-    def raise_it(error):
+    def raise_it(key, error):
         raise error
 
     monkeypatch.setattr(fl, "_triton_failed", raise_it)
@@ -1073,7 +1074,7 @@ def test_triton_path_equals_the_torch_path(triton_device, monkeypatch, case, til
     with torch.no_grad():
         assert m.kernel_path(x) == "triton"
         out = m(x, H, W)
-        monkeypatch.setattr(fl, "USE_TRITON", False)
+        fl.set_fast_path("torch")
         assert m.kernel_path(x) == ("inference" if m.sr_ratio == 1 else "general")
         ref = m(x, H, W)
     assert out.dtype == x.dtype and out.shape == x.shape
@@ -1087,7 +1088,7 @@ def test_triton_path_in_half_precision(triton_device, monkeypatch, dtype):
     with torch.no_grad():
         assert m.kernel_path(x) == "triton"
         out = m(x, H, W)
-        monkeypatch.setattr(fl, "USE_TRITON", False)
+        fl.set_fast_path("torch")
         ref = m(x, H, W)
     ulp = torch.finfo(dtype).eps * ref.abs().max().item()
     assert out.dtype == dtype
@@ -1146,7 +1147,7 @@ def test_triton_failure_falls_back_to_the_torch_path(triton_device, monkeypatch)
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="Triton kernels failed.*PassManager"):
             out = m(x, H, W)
-        assert fl.USE_TRITON is False and m.kernel_path(x) == "inference"
+        assert fl.get_fast_path() == "auto" and m.kernel_path(x) == "inference"
         ref = m(x, H, W)
     assert torch.equal(out, ref)
 
@@ -1162,7 +1163,7 @@ def test_triton_path_lets_other_errors_through(triton_device, monkeypatch):
     monkeypatch.setattr(m.q, "forward", broken_projection)
     with torch.no_grad(), pytest.raises(ValueError, match="not a kernel failure"):
         m(x, H, W)
-    assert fl.USE_TRITON is True
+    assert fl.get_fast_path() == "auto" and not fl._triton_failures
 
 
 AOT_COMPILE = r"""
@@ -1223,9 +1224,11 @@ def test_kernel_path_selection(monkeypatch):
         assert m.double().kernel_path(x.double()) == "inference"  # the kernels compute in float32
         assert m.to(torch.bfloat16).kernel_path(x.bfloat16()) == "triton"
         m.float()
-        monkeypatch.setattr(fl, "USE_TRITON", False)
+        fl.set_fast_path("torch")
         assert m.kernel_path(x) == "inference"
-        monkeypatch.setattr(fl, "USE_TRITON", True)
+        fl.set_fast_path("off")
+        assert m.kernel_path(x) == "general"
+        fl.set_fast_path("auto")
         wide = fl.FocusedLinearAttention(256, 16, 2)     # head_dim 128: beyond the kernels' tiles
         assert wide.kernel_path(seeded(1, 16, 256)) == "inference"
     assert m.kernel_path(x) == "general"                  # parameters that need gradients
