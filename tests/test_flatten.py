@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import flatten as fl
 
-DATA = Path(__file__).parent / "tests" / "data"
+ROOT = Path(__file__).parent.parent
+DATA = Path(__file__).parent / "data"
 RTOL, ATOL = 1e-4, 1e-5  # the fixtures' tolerance (official/README.md)
 
 
@@ -508,7 +509,7 @@ def test_nothing_printed():
     import subprocess
     code = ("import flatten; flatten.create_model('flatten_pvt_tiny'); "
             "flatten.FocusedLinearAttention(64, 3136, 1)")
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "" and run.stderr == "", (run.stdout, run.stderr)
@@ -1204,7 +1205,7 @@ def test_triton_kernels_compile_for_an_sm90_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh compile, not a cache hit
     res = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True,
-                         cwd=Path(__file__).parent, env=env, timeout=240)
+                         cwd=ROOT, env=env, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled") == 3, res.stdout
 

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import flatten as fl
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # the project root
 # the smallest useful run: one timed call per cell, no minimum time, no budgets; one thread, as
 # two threads crawl when other processes compete for this 2-core machine (each op waits for both)
 TINY = ["--repeats", "1", "--max-repeats", "1", "--min-time", "0", "--warmup", "1", "--threads", "1",
