@@ -1,87 +1,17 @@
-"""bench.py: time and peak memory of focused linear attention against softmax attention.
+"""bench.py: time, peak memory and MACs of focused linear attention against softmax attention.
 
 Usage:
-    python bench.py                                   # CPU, float32, 224 512 1024, both sections
+    python bench.py                                 # CPU, float32, r = 224 512 1024, both sections
     python bench.py --resolutions 224 512 1024 --device cuda --dtype bfloat16 --json out.json
-    python bench.py --sections layers --shapes pvt --methods sdpa ours official
-    python bench.py --time-budget 0 --cell-budget 0   # measure every cell, however long
+    python bench.py --sections layers --shapes pvt --methods sdpa ours official --details
+    python bench.py --sections layers --methods ours baseline --baseline /tmp/flatten_old.py
+    python bench.py --time-budget 0 --cell-budget 0  # measure every cell, however long
     python bench.py --help
 
-What it measures, at every resolution r (image r x r):
-
-1. Attention layers, for two real layer shapes, each method on the same input:
-   - deit: a DeiT-T layer, patch 16: N = (r/16)^2 patch tokens + 1 class token, C = 192, 3 heads;
-   - pvt:  a FLatten-PVT stage-1 layer, patch 4: N = (r/4)^2 tokens, C = 64, 1 head;
-   all with sr_ratio 1 (every query attends to every token), qkv_bias on. Methods:
-   - sdpa:     softmax through F.scaled_dot_product_attention (the backend it used is named);
-   - explicit: softmax with the explicit N x N matrix;
-   - ours:     focused linear attention, FocusedLinearAttention.forward (flatten.py); its forward
-               row says [Triton forward] where flatten.py's Triton kernels compute it (CUDA);
-   - ours-torch: ours with the Triton kernels off (flatten.set_fast_path('torch')): a default
-               method only where they run (CUDA with Triton installed), to show what they gain;
-   - official: the official formulation op by op (flatten.official_forward), on a layer with the
-               same weights as ours (class token as ours: in the attention, not in the DWC);
-   - vanilla:  linear attention with a ReLU kernel, no focusing, no DWC (the paper's Table 4);
-   - l2vit:    L^2ViT's linear attention with its local concentration module.
-2. Whole models: FLatten-PVT-T against PVT-T (softmax with spatial reduction) and FLatten-DeiT-T
-   against DeiT-T: parameters, GMACs, inference latency and images/s, one training step
-   (forward + cross-entropy + backward to every parameter; no optimizer step), peak memory.
-   Each model is built once and resized with set_input_size, so its position tables hold the
-   grid of r (parameter counts grow with r).
-
-How it measures:
-- Inputs, layers and models are built outside the timed region; a call is only the work:
-  forward under no_grad in eval mode, or forward + torch.autograd.grad of the output (a fixed
-  random upstream gradient) with respect to the parameters and the input, in train mode.
-- Per cell: --warmup untimed calls, one call for peak memory, then the timed calls: at least
-  --repeats, more until --min-time seconds are timed, at most --max-repeats. The methods of one
-  (shape, r, forward or forward+backward) group are timed in rounds, one call each, so that slow
-  drifts in the machine's load hit them alike (short bursts still show in the IQR); the order
-  within a round is shuffled (seeded): a call may run slower or faster depending on which
-  call ran before it (caches, allocator), and a fixed order would give any such bias to the
-  same method all along (README.md: three runs in each order showed none beyond the noise).
-- Times: the median and the interquartile range (IQR) of the per-call times, time.perf_counter
-  around each call on CPU; CUDA events recorded around each call, after a synchronize, on GPU.
-- Threads: torch.set_num_threads(--threads), by default every CPU this process may run on.
-- Peak memory, in MiB above what was allocated before the call (the call's inputs, weights and
-  earlier results are the baseline; the output is included): on GPU the allocator's
-  torch.cuda.max_memory_allocated after reset_peak_memory_stats; on CPU the torch profiler's
-  allocation events (profile_memory=True): every tensor allocation and free of the call, each
-  with the allocator's running total, whose maximum is the peak. Not a formula.
-- Page faults (CPU, where getrusage exists): the process's minor page faults during each timed
-  call, their mean per cell. Memory the C allocator gave back to the system between calls (glibc
-  returns blocks above its mmap threshold and trims the heap top) faults in again, page by page,
-  at a cost that depends on the allocator's state: this explains much of the spread of CPU times
-  from run to run, and shows which methods keep their memory.
-- GMACs: forward multiply-adds of matmuls and convolutions (multiply-add = 1, the papers'
-  "GFLOPs" convention; 2 x GMACs = GFLOP). For the layers an analytic formula (layer_macs),
-  checked in test_bench.py against torch.utils.flop_counter; for the models the flop counter
-  itself, run on fake tensors (no compute), with softmax on its explicit path because the counter
-  does not count the CPU SDPA kernel.
-- Skips: a cell whose estimated memory exceeds what is free (half of MemAvailable on CPU, 90% of
-  the free GPU memory), or whose estimated time exceeds --cell-budget, or the time left of
-  --time-budget, is not started and is shown as skipped with the estimate. Time estimates scale
-  the same method's time at the previous resolution by the ratio of GMACs (forward + backward:
-  3 x forward), or else divide its GMACs by the rate of a calibration matmul. An out-of-memory
-  error is recorded as OOM and the run goes on; Ctrl-C prints and saves what was measured.
-
-Output: a header line (device, torch version, dtype, threads, batch size), one table per layer
-shape and one for the models (tabulate), progress on stderr; --json, --csv and --plot save it.
-In the layer tables "vs SDPA" and "vs official" are speed-ups, time of SDPA softmax (or of the
-official formulation) divided by the row's time, forward / forward+backward; above 1 = faster.
-Under each layer table, when both ours and official ran: the largest |difference| between the
-two on the cell's input, with every parameter drawn from N(0, 0.1^2), of the forward output and
-of every gradient (relative to its largest entry).
-An excerpt (this project's idle 2-core CPU, `python bench.py`, some columns left out;
-README.md has more and how to read it, results/cpu_float32_2threads.txt the whole output):
-
-    | r   | N    | method                      | fwd ms (IQR) | fwd+bwd ms (IQR) | vs SDPA     | vs official |
-    |-----|------|-----------------------------|--------------|------------------|-------------|-------------|
-    | 224 | 3136 | softmax, SDPA [flash (CPU)] | 18.3 (0.38)  | 68.1 (1.78)      | 1.00 / 1.00 | 0.14 / 0.25 |
-    | 224 | 3136 | focused linear (ours)       | 2.00 (0.26)  | 9.32 (1.26)      | 9.16 / 7.31 | 1.25 / 1.79 |
-    | 224 | 3136 | focused linear, official    | 2.50 (0.56)  | 16.7 (2.81)      | 7.31 / 4.08 | 1.00 / 1.00 |
-    Ours - official, largest |difference| (float32, parameters ~ N(0, 0.1^2)):
-      r=224: output 5.4e-07 (|output| <= 1.64); gradients 1.7e-06 of their largest entry
+docs/benchmark.md says what is measured and how. The code has three layers: 1. what to run
+(Case, Cell, plan and the calls they time), 2. how to measure one cell (time_call,
+peak_memory, the MAC counts, the budget functions, Measurer), 3. how to render (render,
+to_json, write_csv, write_plot); the command line at the end ties them together.
 """
 
 from __future__ import annotations
@@ -90,6 +20,10 @@ import argparse
 import contextlib
 import csv
 import gc
+import hashlib
+import importlib.machinery
+import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -97,21 +31,22 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 try:
     import resource  # page faults (Unix)
 except ImportError:
     resource = None
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from tabulate import tabulate, tabulate_formats
+from torch import nn
 
 import flatten as fl
 
-# -----------------------------------------------------------------------------
-# What is measured
+# =============================================================================
+# 1. What to run
 
 
 @dataclass(frozen=True)
@@ -124,208 +59,299 @@ class LayerShape:
     heads: int
     prefix: int  # class tokens
 
-    def grid(self, resolution: int) -> Tuple[int, int]:
+    def grid(self, resolution: int) -> tuple[int, int]:
         g = resolution // self.patch  # a conv patch embedding drops the remainder pixels
         return g, g
 
 
-SHAPES = {
-    "deit": LayerShape("deit", "DeiT-T layer (patch 16, C 192, 3 heads, + class token)", 16, 192, 3, 1),
-    "pvt": LayerShape("pvt", "FLatten-PVT stage-1 layer (patch 4, C 64, 1 head)", 4, 64, 1, 0),
-}
-
-METHODS = {
-    "sdpa": "softmax, SDPA",
-    "explicit": "softmax, explicit NxN",
-    "ours": "focused linear (ours)",
-    "ours-torch": "focused linear (ours), no Triton",
-    "official": "focused linear, official",
-    "vanilla": "vanilla linear",
-    "l2vit": "L2ViT linear + LCM",
-}
-
+SHAPES = {"deit": LayerShape("deit", "DeiT-T layer (patch 16, C 192, 3 heads, + class token)",
+                             16, 192, 3, 1),
+          "pvt": LayerShape("pvt", "FLatten-PVT stage-1 layer (patch 4, C 64, 1 head)",
+                            4, 64, 1, 0)}
+METHODS = {"sdpa": "softmax, SDPA", "explicit": "softmax, explicit NxN",
+           "ours": "focused linear (ours)", "ours-torch": "focused linear (ours), no Triton",
+           "reference": "focused linear (ours), reference forward",
+           "baseline": "focused linear, baseline", "official": "focused linear, official",
+           "vanilla": "vanilla linear", "l2vit": "L2ViT linear + LCM"}
+FLATTEN_METHODS = ("ours", "ours-torch", "reference", "baseline", "official")
+FAST_PATH = {"ours-torch": "torch", "reference": "off"}  # flatten.set_fast_path during calls
 DEFAULT_MODELS = ("flatten_pvt_tiny", "pvt_tiny", "flatten_deit_tiny", "deit_tiny")
 MIN_RESOLUTION = 32  # the PVT models need one token in their last stage (stride 32)
 KERNEL_SIZE, LCM_KERNEL = 5, 7  # FocusedLinearAttention's DWC and L2ViT's LCM defaults
-LAYER_MODES = ("fwd", "fwdbwd")
-MODEL_MODES = ("fwd", "train")
+LAYER_MODES, MODEL_MODES = ("fwd", "fwdbwd"), ("fwd", "train")
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward", "train": "training step"}
-BACKWARD_FACTOR = 3.0  # forward + backward ~ 3 x forward, for estimates only
-CPU_MEMORY_FRACTION, GPU_MEMORY_FRACTION = 0.5, 0.9
-SDPA_BACKENDS = {  # aten kernel behind F.scaled_dot_product_attention -> a short name
-    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
-    "aten::_scaled_dot_product_flash_attention": "flash",
-    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
-    "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
-    "aten::_scaled_dot_product_attention_math": "math",
-    "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
-}
 
 
-def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_tokens: int,
-               kernel_size: int = KERNEL_SIZE, lcm_kernel: int = LCM_KERNEL) -> int:
-    """Forward multiply-adds of one attention layer: its matmuls and convolutions, nothing else.
+@dataclass(frozen=True)
+class Case:
+    """One table row: a layer method on a shape, or a model, at one resolution."""
+    section: str  # "layers" | "models"
+    group: str    # layer shape, or the model's name
+    name: str     # method, or the model's name
+    resolution: int
 
-    B batch, N tokens (with class tokens), C dim, d = C / heads, G = grid tokens (the DWC's and
-    LCM's image, without class tokens), every query attending to all N tokens (sr_ratio 1).
-    Elementwise work (kernels, softmax, norms) is not counted, as in torch.utils.flop_counter.
-    """
-    B, N, C, G = batch, tokens, dim, grid_tokens
-    d = C // heads
-    macs = 4 * B * N * C * C                # q (C -> C), kv (C -> 2C), proj (C -> C)
+    @property
+    def modes(self) -> tuple[str, str]:
+        return LAYER_MODES if self.section == "layers" else MODEL_MODES
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a case in one mode (forward, forward+backward or training step)."""
+    case: Case
+    mode: str
+
+
+def plan(args) -> list[Cell]:
+    """Every cell in the order they run: resolution first (a time budget cuts the largest),
+    then per layer shape and mode the methods, then per mode the models."""
+    cells = []
+    for r in args.resolutions:
+        if "layers" in args.sections:
+            cells += [Cell(Case("layers", s, m, r), mode)
+                      for s, mode, m in itertools.product(args.shapes, LAYER_MODES, args.methods)]
+        if "models" in args.sections:
+            cells += [Cell(Case("models", n, n, r), mode)
+                      for mode, n in itertools.product(MODEL_MODES, args.models)]
+    return cells
+
+
+@dataclass
+class Row:
+    """What a case's table row shows: its facts and the measurement of each mode."""
+    case: Case
+    label: str
+    grid: tuple[int, int] | None = None
+    tokens: int | None = None            # models: of the first attention stage, once built
+    macs: int | None = None
+    params: int | None = None
+    backend: str | None = None           # SDPA's backend, or the path ours' forward takes
+    paths: dict[str, str] | None = None  # the path of a FocusedLinearAttention call, per mode
+    exactness: dict[str, float] | None = None  # ours against the official formulation
+    floor_bytes: dict[str, int] | None = None  # the bytes a call must move at least, per mode
+    cells: dict[str, Measurement] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.cells = {mode: self.cells.get(mode) or Measurement() for mode in self.case.modes}
+
+
+def make_rows(cells: Sequence[Cell], args) -> dict[Case, Row]:
+    """A row per case, before anything runs (so an interrupted run shows them all)."""
+    rows = {}
+    for case in dict.fromkeys(c.case for c in cells):
+        if case.section == "models":
+            rows[case] = Row(case, case.name)
+            continue
+        shape = SHAPES[case.group]
+        grid = shape.grid(case.resolution)
+        G = grid[0] * grid[1]
+        label = METHODS[case.name] + (f" ({os.path.basename(args.baseline)})"
+                                      if case.name == "baseline" else "")
+        macs = layer_macs(case.name, args.batch_size, shape.prefix + G, shape.dim, shape.heads, G)
+        rows[case] = Row(case, label, grid, shape.prefix + G, macs)
+    return rows
+
+
+@contextlib.contextmanager
+def fast_path(mode: str | None):
+    """flatten.set_fast_path(mode) for a block, then the mode it had before."""
+    saved = fl.get_fast_path()
+    fl.set_fast_path(mode)
+    try:
+        yield
+    finally:
+        fl.set_fast_path(saved)
+
+
+def load_baseline(path: str):
+    """Another copy of flatten.py (an older version, say), imported as a module of its own."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError("no such file")
+    name = "_bench_baseline_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    loader = importlib.machinery.SourceFileLoader(name, full)  # whatever the suffix
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    try:
+        loader.exec_module(module)
+        if not hasattr(module, "FocusedLinearAttention"):
+            raise ImportError("it defines no FocusedLinearAttention")
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def build_layer(method: str, shape: LayerShape, grid: tuple[int, int], baseline=None):
+    """The layer a method runs in, with the shape's dim, heads and class tokens."""
+    C, h, P, G = shape.dim, shape.heads, shape.prefix, grid[0] * grid[1]
     if method in ("sdpa", "explicit"):
-        return macs + 2 * B * N * N * C     # Q K^T and A V: N x N x d per head
-    if method not in ("ours", "ours-torch", "official", "vanilla", "l2vit"):
-        raise ValueError(f"unknown method {method!r}")
-    macs += 2 * B * N * C * d + B * N * C   # K^T V and Q (K^T V): N d^2 per head; Q . sum_j K_j
-    if method in ("ours", "ours-torch", "official"):
-        macs += B * C * G * kernel_size ** 2        # depthwise conv on v
-    elif method == "l2vit":
-        macs += 2 * B * C * G * lcm_kernel ** 2     # the LCM's two depthwise convs
-    return macs
+        return fl.SoftmaxAttention(C, h, qkv_bias=True, fused=method == "sdpa",
+                                   num_prefix_tokens=P)
+    if method == "baseline":  # ours' weights, drawn first as for ours
+        weights = build_layer("ours", shape, grid).state_dict()
+        layer = baseline.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid,
+                                                num_prefix_tokens=P)
+        layer.load_state_dict(weights)
+        return layer
+    if method in FLATTEN_METHODS:
+        return fl.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid,
+                                         num_prefix_tokens=P)
+    if method == "vanilla":
+        return fl.VanillaLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
+    if method == "l2vit":
+        return fl.L2ViTLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
+    raise ValueError(f"unknown method {method!r}")
 
 
-def layer_memory_estimate(method: str, mode: str, batch: int, tokens: int, dim: int, heads: int,
-                          element_size: int, sdpa_backend: Optional[str]) -> int:
-    """A deliberately rough upper estimate of a layer call's peak bytes, to skip what cannot fit.
+def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int, seed: int,
+                baseline=None) -> dict:
+    """A method's layer, its calls on the shape's seeded input, floor bytes and paths."""
+    H, W = grid
+    torch.manual_seed(seed)  # the same weights at every run, and for every FLatten method
+    layer = build_layer(method, shape, grid, baseline).to(device, dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, shape.prefix + H * W, shape.dim, generator=g).to(device, dtype)
+    xg = x.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
+    inputs = [p for p in layer.parameters() if p.requires_grad] + [xg]
+    mode = FAST_PATH.get(method)
 
-    A few dozen (B, N, C) temporaries, plus for the explicit N x N softmax (and SDPA's math
-    backend) the score and probability matrices: two live in the forward, about four in the
-    backward (measured on CPU: 77 MiB for two 37.5 MiB matrices at N = 3136).
-    """
-    train = mode != "fwd"
-    est = batch * tokens * dim * element_size * (40 if train else 12)
-    if method == "explicit" or (method == "sdpa" and sdpa_backend == "math"):
-        est += batch * heads * tokens * tokens * element_size * (4 if train else 2)
-    return est
+    def forward(t):
+        if method == "official":
+            return fl.official_forward(layer, t, H, W)
+        with fast_path(mode) if mode else contextlib.nullcontext():
+            return layer(t, H, W)
+
+    def fwd():
+        with torch.no_grad():
+            return forward(x)
+
+    def fwdbwd():
+        return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
+
+    paths, path_of = None, getattr(layer, "kernel_path", getattr(layer, "forward_path", None))
+    if method != "official" and path_of is not None:
+        with fast_path(mode or fl.get_fast_path()):
+            with torch.no_grad():
+                paths = {"fwd": str(path_of(x))}
+            paths["fwdbwd"] = str(path_of(xg))
+    floor = floor_bytes(layer, x) if method in FLATTEN_METHODS else None
+    return {"module": layer, "fwd": fwd, "fwdbwd": fwdbwd, "floor": floor, "paths": paths}
 
 
-# -----------------------------------------------------------------------------
-# Results
+def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int,
+                        seed: int) -> dict[str, float] | None:
+    """Ours' largest differences from official_forward, parameters ~ N(0, 0.1^2): the output's
+    (absolute) and the gradients' (relative to each gradient's largest entry)."""
+    ours = layer_calls("ours", shape, grid, device, dtype, batch, seed)
+    official = layer_calls("official", shape, grid, device, dtype, batch, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ours["module"].parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    official["module"].load_state_dict(ours["module"].state_dict())
+    try:
+        out, ref = ours["fwd"](), official["fwd"]()
+        grads, ref_grads = ours["fwdbwd"](), official["fwdbwd"]()
+    except (RuntimeError, NotImplementedError):  # out of memory: the timed cells will say so
+        return None
+    pairs = [(a, b) for a, b in zip(grads, ref_grads) if a is not None and b is not None]
+    return {"output_max_abs_diff": (out - ref).abs().max().item(),
+            "output_max_abs": ref.abs().max().item(),
+            "grad_max_rel_diff": max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                                     for a, b in pairs)}
+
+
+def first_attention_tokens(model: nn.Module, resolution: int) -> int | None:
+    """Tokens of a model's first attention stage: its patch_embed (DeiT, Swin, ...) or
+    patch_embed1 (PVT) grid, plus its class tokens (num_prefix_tokens)."""
+    for name in ("patch_embed", "patch_embed1"):
+        embed = getattr(model, name, None)
+        if hasattr(embed, "out_size"):
+            h, w = embed.out_size(resolution, resolution)
+            return h * w + int(getattr(model, "num_prefix_tokens", 0) or 0)
+    return None
+
+
+def model_calls(model: nn.Module, batch: int, resolution: int, device, dtype, seed: int) -> dict:
+    """Inference, and a training step without the optimizer step, on a seeded batch."""
+    g = torch.Generator().manual_seed(seed)
+    chans = getattr(getattr(model, "cfg", None), "in_chans", 3)
+    x = torch.randn(batch, chans, resolution, resolution, generator=g).to(device, dtype)
+    target = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            return model(x)
+
+    def train():
+        loss = F.cross_entropy(model(x).float(), target)
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    return {"module": model, "fwd": fwd, "train": train}
+
+
+# =============================================================================
+# 2. How to measure one cell
+
+BACKWARD_FACTOR = 3.0  # forward + backward ~ 3 x forward: estimates and the compute floor
+CPU_MEMORY_FRACTION, GPU_MEMORY_FRACTION = 0.5, 0.9
+NOISE_THRESHOLD = 0.25  # a cell whose IQR exceeds this fraction of its median is noisy
+SDPA_BACKENDS = {  # aten kernel behind F.scaled_dot_product_attention -> a short name
+    "flash_attention_for_cpu": "flash (CPU)", "flash_attention": "flash", "cudnn_attention":
+    "cuDNN", "efficient_attention": "memory-efficient", "attention_math": "math",
+    "fused_attention_overrideable": "overrideable"}
 
 
 @dataclass
 class Measurement:
-    """One cell: a callable timed on one device, or the reason it was not."""
+    """One cell's result: per-call times, peak memory, page faults, or why there are none."""
     status: str = "pending"  # ok | skipped | oom | error | interrupted | pending
     reason: str = ""
-    times_s: List[float] = field(default_factory=list)
-    peak_bytes: Optional[int] = None
-    faults: List[int] = field(default_factory=list)  # minor page faults of each timed call (CPU)
-    estimate_s: Optional[float] = None
-    estimate_bytes: Optional[int] = None
+    times_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    faults: list[int] = field(default_factory=list)  # minor page faults of each timed call
+    estimate_s: float | None = None
+    estimate_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     @property
-    def median_s(self) -> Optional[float]:
+    def median_s(self) -> float | None:
         return statistics.median(self.times_s) if self.times_s else None
 
-    @property
-    def faults_per_call(self) -> Optional[float]:
-        return statistics.mean(self.faults) if self.faults else None
-
-    def quartiles_s(self) -> Tuple[float, float]:
+    def quartiles_s(self) -> tuple[float, float]:
         if len(self.times_s) < 2:
             return self.times_s[0], self.times_s[0]
         q1, _, q3 = statistics.quantiles(self.times_s, n=4, method="inclusive")
         return q1, q3
 
+    @property
+    def noisy(self) -> bool:
+        """The IQR above NOISE_THRESHOLD of the median: the time is no result."""
+        q1, q3 = self.quartiles_s() if self.ok else (0, 0)
+        return q3 - q1 > NOISE_THRESHOLD * (self.median_s or 0)
+
     def to_dict(self) -> dict:
         out = {"status": self.status, "reason": self.reason or None}
         if self.times_s:
-            q1, q3 = self.quartiles_s()
+            (q1, q3), ms = self.quartiles_s(), [t * 1e3 for t in self.times_s]
             out.update(median_ms=self.median_s * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
-                       iqr_ms=(q3 - q1) * 1e3, min_ms=min(self.times_s) * 1e3,
-                       max_ms=max(self.times_s) * 1e3, repeats=len(self.times_s),
-                       times_ms=[t * 1e3 for t in self.times_s])
-        out["peak_mib"] = None if self.peak_bytes is None else self.peak_bytes / 2 ** 20
-        out["page_faults_per_call"] = self.faults_per_call
-        out["estimate_s"] = self.estimate_s
-        out["estimate_mib"] = None if self.estimate_bytes is None else self.estimate_bytes / 2 ** 20
-        return out
+                       iqr_ms=(q3 - q1) * 1e3, min_ms=min(ms), max_ms=max(ms), repeats=len(ms),
+                       noisy=self.noisy, times_ms=ms)
+        mib = {k: None if b is None else b / 2 ** 20 for k, b in
+               (("peak_mib", self.peak_bytes), ("estimate_mib", self.estimate_bytes))}
+        return {**out, "peak_mib": mib["peak_mib"], "estimate_s": self.estimate_s,
+                "estimate_mib": mib["estimate_mib"],
+                "page_faults_per_call": statistics.mean(self.faults) if self.faults else None}
 
 
-@dataclass
-class Row:
-    """One line of a table: a layer method or a model at one resolution, with its two cells."""
-    section: str           # "layers" | "models"
-    name: str              # method key or model name
-    label: str
-    group: str             # layer shape or model name
-    resolution: int
-    grid: Tuple[int, int]
-    tokens: int
-    macs: Optional[int]
-    modes: Tuple[str, str]
-    cells: Dict[str, Measurement] = field(default_factory=dict)
-    params: Optional[int] = None
-    backend: Optional[str] = None
-    exactness: Optional[Dict[str, float]] = None   # ours against the official formulation
-    floor_bytes: Optional[Dict[str, int]] = None   # per mode: the bytes a call must move at least
-
-    def __post_init__(self):
-        for m in self.modes:
-            self.cells.setdefault(m, Measurement())
-
-    def time_s(self, mode: str) -> Optional[float]:
-        cell = self.cells[mode]
-        return cell.median_s if cell.ok else None
-
-
-def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
-    return num / den if num is not None and den is not None and den > 0 else None
-
-
-def layer_ratios(rows: Sequence[Row], row: Row) -> Dict[str, Optional[float]]:
-    """Speed-ups of a layer row against SDPA softmax and the official formulation, same cell."""
-    peers = {r.name: r for r in rows if r.section == "layers" and r.group == row.group
-             and r.resolution == row.resolution}
-    out = {}
-    for ref in ("sdpa", "official"):
-        for mode in LAYER_MODES:
-            base = peers.get(ref)
-            out[f"vs_{ref}_{mode}"] = _ratio(base.time_s(mode) if base else None, row.time_s(mode))
-    return out
-
-
-def model_ratios(rows: Sequence[Row], row: Row) -> Dict[str, Optional[float]]:
-    """Speed-ups of flatten_X against its softmax counterpart X, at the same resolution."""
-    name = row.name
-    other = name[len("flatten_"):] if name.startswith("flatten_") else None
-    peer = next((r for r in rows if r.section == "models" and r.name == other
-                 and r.resolution == row.resolution), None)
-    return {f"vs_softmax_{mode}": _ratio(peer.time_s(mode) if peer else None, row.time_s(mode))
-            if other else None for mode in MODEL_MODES}
-
-
-def floor_ratios(row: Row, bandwidth: Optional[float], mac_rate: Optional[float]) -> Dict[str, Optional[float]]:
-    """A layer row's floors in ms per mode and its time over each: memory (floor_bytes at the
-    copy bandwidth, B/s) and compute (its multiply-adds at the matmul rate, MAC/s; forward+backward
-    counted as three forwards: each product's backward is two products of the same size)."""
-    out: Dict[str, Optional[float]] = {}
-    for mode in LAYER_MODES:
-        memory = row.floor_bytes[mode] / bandwidth if row.floor_bytes and bandwidth else None
-        compute = row.macs * (1 if mode == "fwd" else 3) / mac_rate if row.macs and mac_rate else None
-        for name, floor in (("memory", memory), ("compute", compute)):
-            out[f"{name}_floor_ms_{mode}"] = None if floor is None else floor * 1e3
-            out[f"x_{name}_floor_{mode}"] = _ratio(row.time_s(mode), floor)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Measuring one call
-
-
-def minor_faults() -> Optional[int]:
-    """Minor page faults of this process so far (every thread), or None without getrusage.
-
-    A page fault is the kernel mapping a page at its first touch: memory that the C allocator
-    gave back to the system (glibc returns blocks above its mmap threshold, and trims the top of
-    the heap) faults in again on reuse, a cost that varies with the allocator's state, so the
-    tables show it beside the times."""
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (every thread), or None without getrusage."""
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -344,330 +370,347 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _profiler_events(prof) -> list:
-    """Every event of a finished torch.profiler run, flattened from its event tree."""
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    events = []
-    while stack:
-        e = stack.pop()
-        events.append(e)
-        stack.extend(e.children)
-    return events
-
-
 def peak_memory(fn: Callable[[], object], device: torch.device,
-                op_names: bool = False) -> Tuple[Optional[int], List[str]]:
-    """Peak bytes allocated by one call above those allocated before it, and its aten op names.
-
-    GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the profiler's
-    allocation events (profile_memory=True) carry the allocator's running total; its maximum
-    minus the total before the first event is the peak. None when no event was recorded.
-    """
+                op_names: bool = False) -> tuple[int | None, list[str]]:
+    """Peak bytes one call allocates above those allocated before it, and its op names:
+    torch.cuda.max_memory_allocated, or on CPU the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
-    names: List[str] = []
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        if op_names:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                out = fn()
-            names = [e.name for e in prof.events()]
-        else:
-            out = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return peak, names
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = (profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda)
+            if op_names or not cuda else None)
+    with prof or contextlib.nullcontext():
         out = fn()
     del out
-    try:  # the profiler's event tree (torch >= 2.0); its layout is not a public API
+    names = [e.name for e in prof.events()] if op_names else []
+    if cuda:
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, names
+    try:  # the profiler's event tree; its layout is not a public API
         from torch._C._profiler import _EventType
-        events = _profiler_events(prof)
+        stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+        while stack:
+            events.append(stack.pop())
+            stack.extend(events[-1].children)
     except (ImportError, AttributeError):
         return None, names
-    allocs = []
-    for e in events:
-        if e.tag == _EventType.Allocation:
-            if e.extra_fields.device.type == "cpu":
-                allocs.append(e)
-        elif op_names:
-            names.append(e.name)
+    allocs = [e for e in events if e.tag == _EventType.Allocation
+              and e.extra_fields.device.type == "cpu"]
     if not allocs:
         return None, names
-    allocs.sort(key=lambda e: e.start_time_ns)
-    first = allocs[0].extra_fields
+    first = min(allocs, key=lambda e: e.start_time_ns).extra_fields
     base = first.total_allocated - first.alloc_size
     return max(e.extra_fields.total_allocated for e in allocs) - base, names
 
 
-def sdpa_backend(names: Sequence[str]) -> Optional[str]:
+def sdpa_backend(names: Sequence[str]) -> str | None:
     """The SDPA backend among a call's aten op names (None if it did not call SDPA)."""
-    for name in names:
-        if name in SDPA_BACKENDS:
-            return SDPA_BACKENDS[name]
-    for name in names:  # a backend this table does not know: its aten name
-        if name.startswith("aten::_scaled_dot_product"):
-            return name[len("aten::_scaled_dot_product_"):]
-    return None
+    found = [n[len("aten::_scaled_dot_product_"):] for n in names
+             if n.startswith("aten::_scaled_dot_product_")]
+    return next((SDPA_BACKENDS[n] for n in found if n in SDPA_BACKENDS), found[0] if found else None)
 
 
 def is_oom(err: BaseException) -> bool:
-    if isinstance(err, getattr(torch.cuda, "OutOfMemoryError", ())):
-        return True
-    msg = str(err)
-    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    return isinstance(err, getattr(torch.cuda, "OutOfMemoryError", ())) or any(
+        s in str(err) for s in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
-def free_memory(device: torch.device) -> Optional[int]:
-    """Bytes a benchmark may still allocate: 90% of the free GPU memory (plus what torch holds
-    cached), or half of the kernel's MemAvailable on CPU (None where unknown)."""
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a cell may allocate: 90% of the free GPU memory, half of MemAvailable on CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(GPU_MEMORY_FRACTION * (free + cached))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(CPU_MEMORY_FRACTION * int(line.split()[1]) * 1024)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(CPU_MEMORY_FRACTION * int(line.split()[1]) * 1024)
     return None
 
 
 def calibrate(device: torch.device, dtype: torch.dtype) -> float:
     """Multiply-adds per second of a 512 x 512 matmul: the fallback for time estimates."""
     a = torch.randn(512, 512, device=device).to(dtype)
-    fn = lambda: a @ a  # noqa: E731
     for _ in range(2):
-        fn()
-    t = min(time_call(fn, device) for _ in range(5))
-    return 512 ** 3 / max(t, 1e-9)
+        a @ a
+    return 512 ** 3 / max(min(time_call(lambda: a @ a, device) for _ in range(5)), 1e-9)
 
 
-def floor_bytes(layer: nn.Module, x: torch.Tensor) -> Dict[str, int]:
-    """The bytes one call of the layer must move at least once, whatever the implementation: the
-    forward reads x and every parameter (the positional encoding included) and writes the output;
-    forward+backward also reads the output's gradient and writes the gradients of x and of every
-    parameter. Temporaries, a second pass over x or anything saved for the backward come on top."""
-    params = sum(p.numel() * p.element_size() for p in layer.parameters())
-    act = x.numel() * x.element_size()
-    return {"fwd": 2 * act + params, "fwdbwd": 4 * act + 2 * params}
-
-
-def copy_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: Optional[int] = None) -> Optional[float]:
-    """Bytes per second (read + written) of the fastest of seven copies of a buffer larger than the
-    caches, 64 MiB on CPU and 1 GiB on CUDA: the rate at which a call can stream memory. None if
-    the buffers do not fit."""
+def copy_bandwidth(device: torch.device, dtype: torch.dtype,
+                   nbytes: int | None = None) -> float | None:
+    """Bytes per second (read + written) of a copy larger than the caches; None if no room."""
     nbytes = nbytes or (2 ** 30 if device.type == "cuda" else 2 ** 26)
     try:
-        src = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+        src = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype,
+                         device=device)
         dst = torch.zeros_like(src)
     except RuntimeError as err:
         if is_oom(err):
             return None
         raise
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    fn()
-    t = min(time_call(fn, device) for _ in range(7))
+    dst.copy_(src)
+    t = min(time_call(lambda: dst.copy_(src), device) for _ in range(7))
     return 2 * src.numel() * src.element_size() / max(t, 1e-12)
 
 
-# -----------------------------------------------------------------------------
-# Running cells
+def floor_bytes(layer: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes one call must move at least: x, the parameters, the output (and gradients)."""
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    act = x.numel() * x.element_size()
+    return {"fwd": 2 * act + params, "fwdbwd": 4 * act + 2 * params}
+
+
+def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_tokens: int,
+               kernel_size: int = KERNEL_SIZE, lcm_kernel: int = LCM_KERNEL) -> int:
+    """Forward multiply-adds of a layer's matmuls and convolutions (N tokens with class
+    tokens, G tokens in the grid of the DWC and LCM)."""
+    B, N, C, G = batch, tokens, dim, grid_tokens
+    d = C // heads
+    macs = 4 * B * N * C * C                # q (C -> C), kv (C -> 2C), proj (C -> C)
+    if method in ("sdpa", "explicit"):
+        return macs + 2 * B * N * N * C     # Q K^T and A V: N x N x d per head
+    if method not in (*FLATTEN_METHODS, "vanilla", "l2vit"):
+        raise ValueError(f"unknown method {method!r}")
+    macs += 2 * B * N * C * d + B * N * C   # K^T V and Q (K^T V): N d^2 per head; Q . sum_j K_j
+    if method in FLATTEN_METHODS:
+        macs += B * C * G * kernel_size ** 2        # depthwise conv on v
+    elif method == "l2vit":
+        macs += 2 * B * C * G * lcm_kernel ** 2     # the LCM's two depthwise convs
+    return macs
+
+
+def layer_memory_estimate(method: str, mode: str, batch: int, tokens: int, dim: int, heads: int,
+                          element_size: int, backend: str | None) -> int:
+    """A rough upper estimate of a layer call's peak bytes, to skip what cannot fit."""
+    train = mode != "fwd"
+    est = batch * tokens * dim * element_size * (40 if train else 12)
+    if method == "explicit" or (method == "sdpa" and backend == "math"):
+        est += batch * heads * tokens * tokens * element_size * (4 if train else 2)
+    return est
+
+
+def model_macs(model: nn.Module, batch: int, resolution: int) -> int | None:
+    """Forward multiply-adds of a model by the flop counter on fake tensors (None if they
+    cannot run it); softmax on its explicit path, as the counter misses CPU SDPA."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    fused = [m for m in model.modules() if isinstance(m, fl.SoftmaxAttention) and m.fused]
+    p, chans = next(model.parameters()), getattr(getattr(model, "cfg", None), "in_chans", 3)
+    try:
+        for m in fused:
+            m.fused = False
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(batch, chans, resolution, resolution, device=p.device, dtype=p.dtype)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(x)
+        return counter.get_total_flops() // 2
+    except (RuntimeError, NotImplementedError):  # an op fake tensors cannot run: no count
+        return None
+    finally:
+        for m in fused:
+            m.fused = True
+
+
+# The budget policy: pure functions of the estimates, the budgets and the time used.
+
+@dataclass(frozen=True)
+class Budget:
+    warmup: int     # untimed calls before a cell's memory call and timed calls
+    repeats: int    # timed calls at least
+    cell_s: float   # --cell-budget (0: none)
+    total_s: float  # --time-budget (0: none)
+
+    @property
+    def calls(self) -> int:
+        return self.warmup + 1 + self.repeats  # warm-up, the memory call, the timed calls
+
+
+def estimate_call_s(macs: int | None, prev: tuple[int, float] | None, fwd_s: float | None,
+                    backward: bool, rate: float) -> float | None:
+    """One call's seconds: the previous resolution's scaled by the MACs, or 3 x the forward's,
+    the larger; else the MACs at the calibration rate (MAC/s)."""
+    guesses = [prev[1] * macs / prev[0]] if prev and macs else []
+    guesses += [BACKWARD_FACTOR * fwd_s] if backward and fwd_s is not None else []
+    if guesses or macs is None:
+        return max(guesses, default=None)
+    return (BACKWARD_FACTOR if backward else 1.0) * macs / rate
+
+
+def skip_reason(budget: Budget, elapsed: float, est_s: float | None, est_bytes: int | None,
+                free_bytes: int | None, free_what: str) -> tuple[str | None, bool]:
+    """Why a cell must not start (or None); True when it is the time per call."""
+    if est_bytes is not None and free_bytes is not None and est_bytes > free_bytes:
+        return (f"needs ~{_fmt_bytes(est_bytes)} by estimate, {_fmt_bytes(free_bytes)} may be "
+                f"allocated ({free_what})"), False
+    cost, left = est_s and est_s * budget.calls, budget.total_s - elapsed
+    if cost and 0 < budget.cell_s < cost:
+        return (f"~{_fmt_s(est_s)} per call by estimate: {budget.calls} calls ~{_fmt_s(cost)} > "
+                f"--cell-budget {budget.cell_s:g} s"), True
+    if budget.total_s > 0 and left <= 0:
+        return f"--time-budget {budget.total_s:g} s used up", False
+    if budget.total_s > 0 and cost and cost > left:
+        return (f"~{_fmt_s(cost)} by estimate > {_fmt_s(left)} left of --time-budget "
+                f"{budget.total_s:g} s"), False
+    return None, False
+
+
+def too_slow_reason(budget: Budget, elapsed: float, t_call: float) -> str | None:
+    """Why a cell whose first call (warm-up, or the first timed call) took t_call stops."""
+    rest = t_call * (1 + budget.repeats)  # the memory call and the timed calls
+    if 0 < budget.cell_s < t_call * budget.calls:
+        return (f"a first call took {_fmt_s(t_call)}: {budget.calls} calls "
+                f"~{_fmt_s(t_call * budget.calls)} > --cell-budget {budget.cell_s:g} s")
+    if budget.total_s > 0 and rest > budget.total_s - elapsed:
+        return (f"a first call took {_fmt_s(t_call)}: the rest ~{_fmt_s(rest)} > what is left "
+                f"of --time-budget {budget.total_s:g} s")
+    return None
+
+
+def is_busy(load: float | None, cpus: int) -> bool:
+    """Other processes keep every usable CPU busy: 1-minute load average >= CPUs."""
+    return load is not None and load >= cpus
 
 
 @dataclass
-class Case:
-    """A row's cell about to run: the call, its estimates and where the result goes."""
+class Job:
+    """A cell about to be measured: its call, its estimates, the row it fills."""
+    cell: Cell
     row: Row
-    mode: str
-    fn: Callable[[], object]
-    est_s: Optional[float] = None
-    est_bytes: Optional[int] = None
-    want_ops: bool = False
+    fn: Callable[[], object] = print
+    est_s: float | None = None
+    est_bytes: int | None = None
+    want_ops: bool = False  # read SDPA's backend from the memory call's ops
 
     @property
-    def cell(self) -> Measurement:
-        return self.row.cells[self.mode]
+    def result(self) -> Measurement:
+        return self.row.cells[self.cell.mode]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.cell.case.group, self.cell.case.name, self.cell.mode
 
 
-class Runner:
-    """Runs groups of cases (warm-up, memory, timing in shuffled rounds) within the time budgets."""
+class Measurer:
+    """Measures groups of jobs within the budgets: per job warm-up, checks and memory call;
+    then the timed calls in rounds, one per job, in a fresh seeded order each round."""
 
-    def __init__(self, args, device: torch.device, total_cells: int, log=None):
-        self.args, self.device = args, device
-        self.total, self.done = total_cells, 0
-        self.start = time.perf_counter()
-        self.history: Dict[tuple, Tuple[int, float]] = {}  # (group, name, mode) -> (macs, s)
-        self.mem_history: Dict[tuple, Tuple[int, int]] = {}  # (group, name, mode) -> (tokens, bytes)
+    def __init__(self, args, device: torch.device, total: int, log=None):
+        self.budget = Budget(args.warmup, args.repeats, args.cell_budget, args.time_budget)
+        self.args, self.device, self.total, self.done = args, device, total, 0
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        # first calls of the process pay one-time costs (thread pools, the profiler's start-up):
-        # pay them here, outside every cell
+        self.history: dict[tuple, tuple[int, float]] = {}  # Job.key: (MACs, seconds per call)
+        self.mem_history: dict[tuple, tuple[int, int]] = {}  # Job.key: (tokens, peak bytes)
+        # the first calls of a process pay one-time costs (thread pools, the profiler): here
         peak_memory(lambda: torch.ones(8, device=device) * 2, device, op_names=True)
-        self.rate = calibrate(device, args.torch_dtype)  # MAC/s, for time estimates
+        self.rate = calibrate(device, args.torch_dtype)  # MAC/s
+        self.start = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def estimate_s(self, row: Row, mode: str, fwd_mode: str) -> Optional[float]:
-        """One call's seconds: scaled from the previous resolution, else from the calibration."""
-        if row.macs is None:
-            return None
-        guesses = []
-        prev = self.history.get((row.group, row.name, mode))
-        if prev:
-            guesses.append(prev[1] * row.macs / prev[0])
-        if mode != fwd_mode:
-            fwd = row.cells[fwd_mode]
-            t = fwd.median_s if fwd.ok else fwd.estimate_s if fwd.status == "skipped" else None
-            if t is not None:
-                guesses.append(BACKWARD_FACTOR * t)
-        if guesses:
-            return max(guesses)
-        return (1.0 if mode == fwd_mode else BACKWARD_FACTOR) * row.macs / self.rate
-
-    def cost_s(self, est_call: float) -> float:
-        """Seconds a cell takes if one call takes est_call: warm-up, memory call, repeats."""
-        return est_call * (self.args.warmup + 1 + self.args.repeats)
-
-    def precheck(self, case: Case, free: Optional[int]) -> Tuple[Optional[str], bool]:
-        """Why the case must not start (or None), and whether the reason is the estimated time of
-        one call (later resolutions then extrapolate from that estimate and skip too)."""
-        a, est = self.args, case.est_s
-        if case.est_bytes is not None and free is not None and case.est_bytes > free:
-            return (f"needs ~{_fmt_bytes(case.est_bytes)} by estimate, {_fmt_bytes(free)} may be "
-                    f"allocated ({'half the available RAM' if self.device.type == 'cpu' else '90% of free GPU memory'})"), False
-        if est is not None and a.cell_budget > 0 and self.cost_s(est) > a.cell_budget:
-            return (f"~{_fmt_s(est)} per call by estimate: {a.warmup + 1 + a.repeats} calls "
-                    f"~{_fmt_s(self.cost_s(est))} > --cell-budget {a.cell_budget:g} s"), True
-        if a.time_budget > 0:
-            left = a.time_budget - self.elapsed()
-            if left <= 0:
-                return f"--time-budget {a.time_budget:g} s used up", False
-            if est is not None and self.cost_s(est) > left:
-                return (f"~{_fmt_s(self.cost_s(est))} by estimate > {_fmt_s(left)} left of "
-                        f"--time-budget {a.time_budget:g} s"), False
-        return None, False
-
-    def check_after_warmup(self, t_warm: float) -> Optional[str]:
-        """Why a case whose warm-up call took t_warm must stop there (its estimate was wrong)."""
-        a = self.args
-        rest = t_warm * (1 + a.repeats)  # the memory call and the timed calls
-        if a.cell_budget > 0 and self.cost_s(t_warm) > a.cell_budget:
-            return (f"a warm-up call took {_fmt_s(t_warm)}: {a.warmup + 1 + a.repeats} calls "
-                    f"~{_fmt_s(self.cost_s(t_warm))} > --cell-budget {a.cell_budget:g} s")
-        if a.time_budget > 0 and rest > a.time_budget - self.elapsed():
-            return (f"a warm-up call took {_fmt_s(t_warm)}: the rest ~{_fmt_s(rest)} > what is left "
-                    f"of --time-budget {a.time_budget:g} s")
-        return None
+    def estimates(self, row: Row, mode: str) -> tuple[float | None, int | None]:
+        """A call's seconds and (from the previous resolution, by tokens) peak bytes."""
+        fwd, key = row.cells["fwd"], (row.case.group, row.case.name, mode)
+        fwd_s = fwd.median_s if fwd.ok else fwd.estimate_s if fwd.status == "skipped" else None
+        prev = self.mem_history.get(key)
+        return (estimate_call_s(row.macs, self.history.get(key), fwd_s, mode != "fwd", self.rate),
+                int(prev[1] * row.tokens / prev[0]) if prev and row.tokens else None)
 
     def out_of_time(self, rows: Sequence[Row]) -> bool:
-        """When the run's time budget is used up, mark these rows skipped (before building them)."""
-        a = self.args
-        if a.time_budget <= 0 or self.elapsed() < a.time_budget:
+        """When the time budget is used up, mark these rows skipped (before building them)."""
+        if self.budget.total_s <= 0 or self.elapsed() < self.budget.total_s:
             return False
-        for row in rows:
-            for mode in row.modes:
-                row.cells[mode].status = "skipped"
-                row.cells[mode].reason = f"--time-budget {a.time_budget:g} s used up"
-                self._progress(Case(row, mode, lambda: None))
+        for job in (Job(Cell(row.case, mode), row) for row in rows for mode in row.case.modes):
+            self._end(job, "skipped", f"--time-budget {self.budget.total_s:g} s used up")
         return True
 
-    def _progress(self, case: Case) -> None:
-        self.done += 1
-        row, cell = case.row, case.cell
-        what = f"{row.section} {row.group} r={row.resolution} N={row.tokens} {row.name} {case.mode}"
-        if cell.ok:
-            mem = "" if cell.peak_bytes is None else f", peak {_fmt_bytes(cell.peak_bytes)}"
-            if cell.faults_per_call is not None:
-                mem += f", {cell.faults_per_call:.0f} page faults/call"
-            res = f"{cell.median_s * 1e3:.3g} ms (median of {len(cell.times_s)}{mem})"
-        else:
-            res = f"{cell.status}: {cell.reason}" if cell.reason else cell.status
-        self.log(f"[{self.done:3d}/{self.total} {self.elapsed():5.0f}s] {what}: {res}")
+    def run_group(self, jobs: Sequence[Job]) -> None:
+        b, dev = self.budget, self.device
+        free = free_memory(dev)
+        free_what = "half the available RAM" if dev.type == "cpu" else "90% of free GPU memory"
+        active = []
+        for job in jobs:
+            res = job.result
+            res.estimate_s, res.estimate_bytes = job.est_s, job.est_bytes
+            reason, slow = skip_reason(b, self.elapsed(), job.est_s, job.est_bytes, free, free_what)
+            if reason:
+                if slow:  # later resolutions extrapolate from this estimate: they skip too
+                    self._remember(job, job.est_s)
+                self._end(job, "skipped", reason)
+                continue
+            try:  # without warm-up, the first timed call serves for the checks
+                t = (min(time_call(job.fn, dev) for _ in range(b.warmup)) if b.warmup
+                     else self._timed(job))
+                reason = too_slow_reason(b, self.elapsed(), t)
+                if reason and t <= 0.25 * b.cell_s:  # one more look: load comes in bursts
+                    t = min(t, time_call(job.fn, dev))
+                    reason = too_slow_reason(b, self.elapsed(), t)
+                if reason:
+                    res.times_s, res.faults, res.estimate_s = [], [], t
+                    self._remember(job, t)
+                    self._end(job, "skipped", reason)
+                    continue
+                res.peak_bytes, names = peak_memory(job.fn, dev, op_names=job.want_ops)
+                job.row.backend = (job.want_ops and sdpa_backend(names)) or job.row.backend
+            except (RuntimeError, NotImplementedError) as err:  # OOM, an op a dtype lacks
+                self.fail(job, err)
+                continue
+            if not self._finished(job):
+                active.append(job)
+        order = random.Random(self.args.seed)  # a fresh order each round: none always follows
+        while active:
+            for job in order.sample(active, len(active)):
+                try:
+                    self._timed(job)
+                except (RuntimeError, NotImplementedError) as err:
+                    self.fail(job, err)
+                if job.result.status != "pending" or self._finished(job):
+                    active.remove(job)
 
-    def _fail(self, case: Case, err: BaseException) -> None:
-        """Record an OOM or a runtime error (an op this device or dtype lacks) of one case."""
-        if is_oom(err):
-            case.cell.status, case.cell.reason = "oom", "out of memory: " + _first_line(err)
-        else:
-            case.cell.status, case.cell.reason = "error", f"{type(err).__name__}: {_first_line(err)}"
-        case.cell.times_s, case.cell.faults = [], []
+    def _timed(self, job: Job) -> float:
+        faults = minor_faults() if self.device.type == "cpu" else None
+        t = time_call(job.fn, self.device)
+        job.result.times_s.append(t)
+        if faults is not None:
+            job.result.faults.append(minor_faults() - faults)
+        return t
 
-    def _free(self) -> None:
-        """After a failed call, once its exception (and the tensors its frames hold) is gone."""
-        gc.collect()
+    def _finished(self, job: Job) -> bool:
+        res, a = job.result, self.args
+        n = len(res.times_s)
+        if n < a.max_repeats and (n < a.repeats or sum(res.times_s) < a.min_time):
+            return False
+        self._remember(job, res.median_s)
+        if res.peak_bytes is not None and job.row.tokens:
+            self.mem_history[job.key] = (job.row.tokens, res.peak_bytes)
+        self._end(job, "ok")
+        return True
+
+    def _remember(self, job: Job, seconds: float) -> None:
+        if job.row.macs:
+            self.history[job.key] = (job.row.macs, seconds)
+
+    def fail(self, job: Job, err: BaseException) -> None:
+        job.result.times_s, job.result.faults = [], []
+        gc.collect()  # the failed call's tensors, held by the exception's frames
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        oom = is_oom(err)
+        self._end(job, "oom" if oom else "error", ("out of memory: " if oom
+                                                   else f"{type(err).__name__}: ") + _first_line(err))
 
-    def run_group(self, cases: List[Case]) -> None:
-        """Warm up and measure memory per case, then time all of them in rounds, one call each,
-        in a fresh (seeded) order every round."""
-        a, dev = self.args, self.device
-        free = free_memory(dev)
-        active: List[Case] = []
-        for case in cases:
-            cell = case.cell
-            cell.estimate_s, cell.estimate_bytes = case.est_s, case.est_bytes
-            reason, too_slow = self.precheck(case, free)
-            if reason:
-                cell.status, cell.reason = "skipped", reason
-                if too_slow:
-                    # later resolutions extrapolate from this estimate: they skip too
-                    self.history[(case.row.group, case.row.name, case.mode)] = (case.row.macs, case.est_s)
-                self._progress(case)
-                continue
-            try:
-                t_warm = min(time_call(case.fn, dev) for _ in range(a.warmup))
-                reason = self.check_after_warmup(t_warm)
-                if reason and t_warm <= 0.25 * a.cell_budget:
-                    # one more look before giving up: a burst of load elsewhere is common
-                    t_warm = min(t_warm, time_call(case.fn, dev))
-                    reason = self.check_after_warmup(t_warm)
-                if reason:
-                    cell.status, cell.reason, cell.estimate_s = "skipped", reason, t_warm
-                    if case.row.macs:
-                        self.history[(case.row.group, case.row.name, case.mode)] = (case.row.macs, t_warm)
-                    self._progress(case)
-                    continue
-                cell.peak_bytes, names = peak_memory(case.fn, dev, op_names=case.want_ops)
-                if case.want_ops:
-                    case.row.backend = sdpa_backend(names) or case.row.backend
-            except (RuntimeError, NotImplementedError) as err:  # OOM or an op this device/dtype lacks
-                self._fail(case, err)
-            if case.cell.status in ("oom", "error"):
-                self._free()
-                self._progress(case)
-                continue
-            active.append(case)
-        order = random.Random(a.seed)  # a fresh order each round: no method always follows another
-        while active:
-            for case in order.sample(active, len(active)):
-                try:
-                    faults = minor_faults() if dev.type == "cpu" else None
-                    case.cell.times_s.append(time_call(case.fn, dev))
-                    if faults is not None:
-                        case.cell.faults.append(minor_faults() - faults)
-                except (RuntimeError, NotImplementedError) as err:
-                    self._fail(case, err)
-                if case.cell.status in ("oom", "error"):
-                    self._free()
-                    active.remove(case)
-                    self._progress(case)
-                    continue
-                times = case.cell.times_s
-                if len(times) >= a.max_repeats or (len(times) >= a.repeats and sum(times) >= a.min_time):
-                    case.cell.status = "ok"
-                    row = case.row
-                    if row.macs:
-                        self.history[(row.group, row.name, case.mode)] = (row.macs, case.cell.median_s)
-                    if case.cell.peak_bytes is not None:
-                        self.mem_history[(row.group, row.name, case.mode)] = (row.tokens, case.cell.peak_bytes)
-                    active.remove(case)
-                    self._progress(case)
+    def _end(self, job: Job, status: str, reason: str = "") -> None:
+        res, c = job.result, job.cell.case
+        res.status, res.reason, self.done = status, reason, self.done + 1
+        text = f"{status}: {reason}" if reason else status
+        if res.ok:
+            mem = "" if res.peak_bytes is None else f", peak {_fmt_bytes(res.peak_bytes)}"
+            text = f"{res.median_s * 1e3:.3g} ms (median of {len(res.times_s)}{mem})"
+        self.log(f"[{self.done:3d}/{self.total} {self.elapsed():5.0f}s] {c.section} {c.group} "
+                 f"r={c.resolution} N={job.row.tokens} {c.name} {job.cell.mode}: {text}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -685,555 +728,257 @@ def _fmt_s(s: float) -> str:
     return f"{s:.1f} s" if s >= 0.1 else f"{s * 1e3:.0f} ms"
 
 
-# -----------------------------------------------------------------------------
-# The two sections
+# =============================================================================
+# 3. How to render
 
 
-def build_layer(method: str, shape: LayerShape, grid: Tuple[int, int]) -> nn.Module:
-    """The layer a method runs in, with the shape's dim, heads and class tokens."""
-    C, h, P = shape.dim, shape.heads, shape.prefix
-    G = grid[0] * grid[1]
-    if method in ("sdpa", "explicit"):
-        return fl.SoftmaxAttention(C, h, qkv_bias=True, fused=method == "sdpa", num_prefix_tokens=P)
-    if method in ("ours", "ours-torch", "official"):
-        return fl.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid, num_prefix_tokens=P)
-    if method == "vanilla":
-        return fl.VanillaLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
-    if method == "l2vit":
-        return fl.L2ViTLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def detect_sdpa_backend(shape: LayerShape, device, dtype, batch: int) -> Optional[str]:
-    """The SDPA backend for this shape's heads, dtype and device, from a tiny input."""
-    from torch.profiler import ProfilerActivity, profile
-    layer = build_layer("sdpa", shape, (2, 2)).to(device, dtype).eval()
-    x = torch.randn(batch, shape.prefix + 4, shape.dim, device=device).to(dtype)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        layer(x, 2, 2)
-    return sdpa_backend([e.name for e in prof.events()])
-
-
-@contextlib.contextmanager
-def triton_off():
-    """flatten.py without its Triton kernels (the ours-torch rows)."""
-    saved = fl.get_fast_path()
-    fl.set_fast_path("torch")
-    try:
-        yield
-    finally:
-        fl.set_fast_path(saved)
-
-
-def layer_cases(method: str, shape: LayerShape, grid, device, dtype, batch: int, seed: int) -> Dict[str, Callable[[], object]]:
-    """The forward and forward+backward calls of one layer method on the shape's input."""
-    H, W = grid
-    torch.manual_seed(seed)  # the same weights at every run; the same input for every method
-    layer = build_layer(method, shape, grid).to(device, dtype)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, shape.prefix + H * W, shape.dim, generator=g).to(device, dtype)
-    if method == "official":
-        forward = lambda t: fl.official_forward(layer, t, H, W)  # noqa: E731
-    elif method == "ours-torch":
-        def forward(t):
-            with triton_off():
-                return layer(t, H, W)
+def ratios(rows: dict[Case, Row], row: Row) -> dict[str, tuple[float | None, bool]]:
+    """Speed-ups of a row against SDPA and official, or flatten_X against X: (value, noisy)."""
+    c = row.case
+    if c.section == "layers":
+        refs = {ref: rows.get(Case("layers", c.group, ref, c.resolution))
+                for ref in ("sdpa", "official")}
     else:
-        forward = lambda t: layer(t, H, W)  # noqa: E731
-    xg = x.detach().clone().requires_grad_(True)
-    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
-    inputs = [p for p in layer.parameters() if p.requires_grad] + [xg]
-
-    def fwd():
-        with torch.no_grad():
-            return forward(x)
-
-    def fwdbwd():
-        return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
-
-    with torch.no_grad(), triton_off() if method == "ours-torch" else contextlib.nullcontext():
-        # ours: which implementation its forward call takes (flatten.kernel_path)
-        path = layer.kernel_path(x) if method in ("ours", "ours-torch") else None
-    return {"fwd": fwd, "fwdbwd": fwdbwd, "layer": layer, "floor": floor_bytes(layer, x), "path": path}
+        other = c.name[len("flatten_"):] if c.name.startswith("flatten_") else None
+        refs = {"softmax": rows.get(Case("models", other, other, c.resolution))}
+    out = {}
+    for (ref, peer), mode in itertools.product(refs.items(), c.modes):
+        a, b = peer.cells[mode] if peer else None, row.cells[mode]
+        out[f"vs_{ref}_{mode}"] = ((a.median_s / b.median_s, a is not b and (a.noisy or b.noisy))
+                                   if a and a.ok and b.ok and b.median_s > 0 else (None, False))
+    return out
 
 
-def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int, seed: int) -> Optional[Dict[str, float]]:
-    """The largest differences between ours and the official formulation on the cell's input, on
-    a layer whose every parameter is drawn from N(0, 0.1^2) (at initialisation the positional
-    encoding is zero and the scale uniform, which would hide a mistake in either): of the forward
-    output (no autograd: ours takes its inference path, or its Triton kernels on CUDA), absolute; and of every gradient of
-    forward+backward (ours: its autograd path), relative to that gradient's largest entry."""
-    ours = layer_cases("ours", shape, grid, device, dtype, batch, seed)
-    official = layer_cases("official", shape, grid, device, dtype, batch, seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ours["layer"].parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    official["layer"].load_state_dict(ours["layer"].state_dict())
-    try:
-        out, ref = ours["fwd"](), official["fwd"]()
-        grads, ref_grads = ours["fwdbwd"](), official["fwdbwd"]()
-    except (RuntimeError, NotImplementedError):  # out of memory: the timed cells will say so
-        return None
-    pairs = [(a, b) for a, b in zip(grads, ref_grads) if a is not None and b is not None]
-    return {"output_max_abs_diff": (out - ref).abs().max().item(), "output_max_abs": ref.abs().max().item(),
-            "grad_max_rel_diff": max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                                     for a, b in pairs)}
+def floor_ratios(row: Row, bandwidth: float | None, mac_rate: float | None) -> dict:
+    """A layer row's memory and compute floors in ms per mode, and its time over each."""
+    out = {}
+    for mode in LAYER_MODES:
+        cell = row.cells[mode]
+        floors = {"memory": row.floor_bytes[mode] / bandwidth
+                  if row.floor_bytes and bandwidth else None,
+                  "compute": row.macs * (1 if mode == "fwd" else BACKWARD_FACTOR) / mac_rate
+                  if row.macs and mac_rate else None}
+        for name, floor in floors.items():
+            out[f"{name}_floor_ms_{mode}"] = None if floor is None else floor * 1e3
+            out[f"x_{name}_floor_{mode}"] = cell.median_s / floor if cell.ok and floor else None
+    return out
 
 
-def run_layers(args, runner: Runner, rows: List[Row], r: int, backends: Dict[str, Optional[str]]) -> None:
-    """The layer section at resolution r: per shape, the forward group, then forward+backward."""
-    device, dtype = runner.device, args.torch_dtype
-    elem = torch.empty((), dtype=dtype).element_size()
-    for shape_name in args.shapes:
-        shape = SHAPES[shape_name]
-        grid = shape.grid(r)
-        group_rows = [row for row in rows if row.section == "layers" and row.group == shape_name
-                      and row.resolution == r]
-        if runner.out_of_time(group_rows):
-            continue
-        if "sdpa" in args.methods and shape_name not in backends:
-            backends[shape_name] = detect_sdpa_backend(shape, device, dtype, args.batch_size)
-        calls = {}
-        for row in group_rows:
-            calls[row.name] = layer_cases(row.name, shape, grid, device, dtype, args.batch_size, args.seed)
-            if row.name == "sdpa":
-                row.backend = backends.get(shape_name)
-            if row.name in ("ours", "ours-torch", "official"):
-                row.floor_bytes = calls[row.name]["floor"]
-            if calls[row.name]["path"] == "triton":  # the forward's fused kernels (CUDA)
-                row.backend = "Triton forward"
-        if "ours" in calls and "official" in calls:
-            ours_row = next(row for row in group_rows if row.name == "ours")
-            ours_row.exactness = compare_to_official(shape, grid, device, dtype, args.batch_size, args.seed)
-        for mode in LAYER_MODES:
-            cases = []
-            for row in group_rows:
-                calls[row.name]["layer"].train(mode != "fwd")
-                cases.append(Case(
-                    row, mode, calls[row.name][mode],
-                    est_s=runner.estimate_s(row, mode, "fwd"),
-                    est_bytes=layer_memory_estimate(row.name, mode, args.batch_size, row.tokens, shape.dim,
-                                                    shape.heads, elem, backends.get(shape_name)),
-                    want_ops=row.name == "sdpa"))
-            runner.run_group(cases)
-        del calls
-        gc.collect()
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return (f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1
+            else f"{x:.3f}")
 
 
-def model_macs(model: nn.Module, batch: int, resolution: int) -> Optional[int]:
-    """Forward multiply-adds of a model from torch.utils.flop_counter, on fake tensors.
-
-    Softmax runs on its explicit path while counting (the counter misses the CPU SDPA kernel);
-    None if fake tensors are unavailable in this torch or cannot run the model.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-    except ImportError:
-        return None
-    fused = [m for m in model.modules() if isinstance(m, fl.SoftmaxAttention) and m.fused]
-    dev = next(model.parameters()).device
-    try:
-        for m in fused:
-            m.fused = False
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.empty(batch, model.cfg.in_chans, resolution, resolution, device=dev,
-                            dtype=next(model.parameters()).dtype)
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model(x)
-        return counter.get_total_flops() // 2
-    except (RuntimeError, NotImplementedError):  # an op fake tensors cannot run: no count
-        return None
-    finally:
-        for m in fused:
-            m.fused = True
+def _cell_text(m: Measurement) -> str:
+    if not m.ok:
+        return {"skipped": "skipped", "oom": "OOM", "error": "error"}.get(m.status, "not run")
+    q1, q3 = m.quartiles_s()
+    return f"{_num(m.median_s * 1e3)} ({_num((q3 - q1) * 1e3)})" + "?" * m.noisy
 
 
-def model_tokens(model: nn.Module, resolution: int) -> int:
-    """Tokens of the first attention layer: stage 1 of a PVT, all tokens of a DeiT."""
-    if isinstance(model, fl.VisionTransformer):
-        g = model.patch_embed.out_size(resolution, resolution)
-        return g[0] * g[1] + model.num_prefix_tokens
-    g = model.patch_embed1.out_size(resolution, resolution)
-    return g[0] * g[1]
+def _mem_text(m: Measurement) -> str:
+    return ("n/a" if m.peak_bytes is None else _num(m.peak_bytes / 2 ** 20)) if m.ok else "-"
 
 
-def run_models(args, runner: Runner, rows: List[Row], r: int, models: Dict[str, nn.Module]) -> None:
-    """The model section at resolution r; models are built once and resized (set_input_size)."""
-    device, dtype = runner.device, args.torch_dtype
-    group_rows = [row for row in rows if row.section == "models" and row.resolution == r]
-    if runner.out_of_time(group_rows):
-        return
-    calls = {}
-    for row in group_rows:
-        if row.name not in models:
-            torch.manual_seed(args.seed)
-            models[row.name] = fl.create_model(row.name, img_size=r).to(device, dtype)
-        model = models[row.name]
-        if model.cfg.img_size != r:
-            model.set_input_size(r)
-            model.to(device, dtype)
-        row.params = sum(p.numel() for p in model.parameters())
-        row.tokens = model_tokens(model, r)
-        row.macs = model_macs(model, args.batch_size, r)
-        g = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.batch_size, 3, r, r, generator=g).to(device, dtype)
-        target = torch.randint(0, model.num_classes, (args.batch_size,), generator=g).to(device)
-        calls[row.name] = _model_calls(model, x, target)
-    for mode in MODEL_MODES:
-        cases = []
-        for row in group_rows:
-            models[row.name].train(mode != "fwd")
-            est_bytes = None
-            prev = runner.mem_history.get((row.group, row.name, mode))
-            if prev:
-                est_bytes = int(prev[1] * row.tokens / prev[0])
-            cases.append(Case(row, mode, calls[row.name][mode],
-                              est_s=runner.estimate_s(row, mode, "fwd"), est_bytes=est_bytes))
-        runner.run_group(cases)
-    del calls
-    gc.collect()
+def _pair(rs: dict, ref: str, modes: Sequence[str]) -> str:
+    vals = [rs.get(f"vs_{ref}_{mode}", (None, False)) for mode in modes]
+    if all(v is None for v, _ in vals):
+        return "-"
+    return " / ".join(_num(v) + "?" * noisy for v, noisy in vals)
 
 
-def _model_calls(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def fwd():
-        with torch.no_grad():
-            return model(x)
-
-    def train():
-        loss = F.cross_entropy(model(x).float(), target)
-        return torch.autograd.grad(loss, params, allow_unused=True)
-
-    return {"fwd": fwd, "train": train}
-
-
-def plan_rows(args) -> List[Row]:
-    """Every row of both sections, before anything runs (so an interrupted run shows them all)."""
-    rows = []
-    B = args.batch_size
-    if "layers" in args.sections:
-        for r in args.resolutions:
-            for shape_name in args.shapes:
-                shape = SHAPES[shape_name]
-                grid = shape.grid(r)
-                G = grid[0] * grid[1]
-                N = shape.prefix + G
-                for method in args.methods:
-                    rows.append(Row("layers", method, METHODS[method], shape_name, r, grid, N,
-                                    layer_macs(method, B, N, shape.dim, shape.heads, G), LAYER_MODES))
-    if "models" in args.sections:
-        for r in args.resolutions:
-            for name in args.models:
-                p = 16 if "deit" in name else 4
-                g = r // p
-                tokens = g * g + (1 if "deit" in name else 0)
-                rows.append(Row("models", name, name, name, r, (g, g), tokens, None, MODEL_MODES))
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# Output
-
-
-def header_facts(args, device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_name()
-    return {
-        "device": device.type, "device_name": name, "torch": torch.__version__,
-        "dtype": args.dtype, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "python": platform.python_version(), "platform": platform.platform(terse=True),
-        "timer": "CUDA events" if device.type == "cuda" else "time.perf_counter",
-        "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                   else "torch.profiler allocation events (profile_memory=True)"),
-        "macs": "multiply-adds of matmuls and convolutions (1 MAC = 2 FLOP)",
-        "warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time,
-        "max_repeats": args.max_repeats, "cell_budget_s": args.cell_budget,
-        "time_budget_s": args.time_budget, "seed": args.seed,
-        "cpus": _default_threads(), "load_average_1min": _load_average(),
-    }
-
-
-def _load_average() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
-
-
-def _busy(facts: dict) -> bool:
-    loads = [facts.get("load_average_1min"), facts.get("load_average_1min_end")]
-    return any(x is not None and x >= facts["cpus"] for x in loads)
+def _notes(rows: Sequence[Row]) -> list[str]:
+    """Why cells were not measured: a line per cell, or per reason shared by more than two."""
+    cells = [(row, mode, m) for row in rows for mode, m in row.cells.items()
+             if not m.ok and m.status != "pending"]
+    counts: dict[tuple[str, str], int] = {}
+    for _, _, m in cells:
+        counts[m.status, m.reason] = counts.get((m.status, m.reason), 0) + 1
+    notes, done = [], set()
+    for row, mode, m in cells:
+        why, key = m.status + (f" ({m.reason})" if m.reason else ""), (m.status, m.reason)
+        if counts[key] <= 2:
+            notes.append(f"  r={row.case.resolution} {row.label} {MODE_TITLES[mode]}: {why}")
+        elif key not in done:
+            done.add(key)
+            notes.append(f"  {counts[key]} cells: {why}")
+    return ["Not measured:", *notes] if notes else []
 
 
 def header_line(facts: dict) -> str:
     return (f"device: {facts['device_name']} ({facts['device']}) | torch {facts['torch']} | "
-            f"dtype {facts['dtype']} | threads {facts['threads']} | batch size {facts['batch_size']}")
+            f"dtype {facts['dtype']} | threads {facts['threads']} | "
+            f"batch size {facts['batch_size']}")
 
 
-def _cell_text(cell: Measurement) -> str:
-    if cell.ok:
-        q1, q3 = cell.quartiles_s()
-        return f"{_num(cell.median_s * 1e3)} ({_num((q3 - q1) * 1e3)})"
-    return {"skipped": "skipped", "oom": "OOM", "error": "error", "interrupted": "not run",
-            "pending": "not run"}[cell.status]
+def _load_line(facts: dict) -> list[str]:
+    loads = [facts.get("load_average_1min"), facts.get("load_average_1min_end")]
+    if facts.get("threads_note"):
+        return [facts["threads_note"]]
+    if facts["device"] == "cpu" and any(is_busy(x, facts["cpus"]) for x in loads):
+        return [(f"warning: load average {loads[0]} at the start, {loads[1]} at the end, on "
+                 f"{facts['cpus']} CPUs: other processes competed for them; times are noisy")]
+    return []
 
 
-def _mem_text(cell: Measurement) -> str:
-    if cell.ok:
-        return "n/a" if cell.peak_bytes is None else _num(cell.peak_bytes / 2 ** 20)
-    return "-"
-
-
-def _num(x: Optional[float]) -> str:
-    if x is None:
-        return "-"
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
-
-
-def _times(x: Optional[float]) -> str:
-    return "-" if x is None else _num(x) + "x"
-
-
-def _pair(a: Optional[float], b: Optional[float]) -> str:
-    return f"{_num(a)} / {_num(b)}" if a is not None or b is not None else "-"
-
-
-def _notes(rows: Sequence[Row]) -> List[str]:
-    """Why each cell that was not measured was not: one line per cell, or per reason when the
-    same reason (a used-up time budget, an interruption) holds for several."""
-    cells = [(row, mode, cell) for row in rows for mode, cell in row.cells.items()
-             if not cell.ok and cell.status != "pending"]
-    counts: Dict[Tuple[str, str], int] = {}
-    for _, _, cell in cells:
-        counts[cell.status, cell.reason] = counts.get((cell.status, cell.reason), 0) + 1
-    notes, done = [], set()
-    for row, mode, cell in cells:
-        key = (cell.status, cell.reason)
-        if counts[key] > 2:
-            if key not in done:
-                done.add(key)
-                notes.append(f"  {counts[key]} cells: {cell.status}" + (f" ({cell.reason})" if cell.reason else ""))
-            continue
-        what = f"r={row.resolution} {row.label} {MODE_TITLES[mode]}"
-        notes.append(f"  {what}: {cell.status}" + (f" ({cell.reason})" if cell.reason else ""))
-    return notes
-
-
-def render(rows: Sequence[Row], facts: dict, tablefmt: str = "github") -> str:
-    from tabulate import tabulate
-    out = [header_line(facts),
-           f"timing: median (IQR) of per-call times, {facts['timer']}; peak memory: {facts['memory']}"]
-    if facts["device"] == "cpu" and _busy(facts):
-        out.append(f"warning: load average {facts['load_average_1min']:g} at the start, "
-                   f"{facts.get('load_average_1min_end', '?')} at the end, on {facts['cpus']} CPUs: other "
-                   "processes competed for them, so the times are noisy and multi-threaded ones slow")
-    out.append("")
-    for shape_name in dict.fromkeys(r.group for r in rows if r.section == "layers"):
-        shape = SHAPES[shape_name]
-        sel = [r for r in rows if r.section == "layers" and r.group == shape_name]
-        table = []
-        for row in sel:
-            ratios = layer_ratios(rows, row)
-            label = row.label + (f" [{row.backend}]" if row.backend else "")
-            table.append([row.resolution, row.tokens, label, _cell_text(row.cells["fwd"]),
-                          _cell_text(row.cells["fwdbwd"]), _mem_text(row.cells["fwd"]),
-                          _mem_text(row.cells["fwdbwd"]), _num(row.macs / 1e9),
-                          _pair(ratios["vs_sdpa_fwd"], ratios["vs_sdpa_fwdbwd"]),
-                          _pair(ratios["vs_official_fwd"], ratios["vs_official_fwdbwd"])])
-        out.append(f"Attention layer: {shape.title}, batch {facts['batch_size']}")
-        out.append(tabulate(table, headers=["r", "N", "method", "fwd ms (IQR)", "fwd+bwd ms (IQR)",
-                                            "fwd MiB", "fwd+bwd MiB", "GMAC", "vs SDPA", "vs official"],
-                            tablefmt=tablefmt, disable_numparse=True))
-        notes = _notes(sel)
-        if notes:
-            out.append("Not measured:")
-            out.extend(notes)
-        exact = [r for r in sel if r.exactness]
-        if exact:
-            out.append(f"Ours - official, largest |difference| ({facts['dtype']}, parameters ~ N(0, 0.1^2)):")
-            for r in exact:
-                e = r.exactness
-                out.append(f"  r={r.resolution}: output {e['output_max_abs_diff']:.2g} (|output| <= "
-                           f"{e['output_max_abs']:.3g}); gradients {e['grad_max_rel_diff']:.2g} of "
-                           "their largest entry")
-        floored = [r for r in sel if r.floor_bytes]
-        bandwidth, mac_rate = facts.get("copy_bandwidth_GBps"), facts.get("matmul_GMACps")
-        if floored and bandwidth and mac_rate:
-            out.append(f"Floors: memory (x, parameters, output and for fwd+bwd their gradients, each moved once at "
-                       f"this run's copy bandwidth, {bandwidth:.3g} GB/s) and compute (the GMAC at this run's "
-                       f"512x512 matmul rate, {mac_rate:.3g} GMAC/s; fwd+bwd: 3x the forward's), fwd / fwd+bwd:")
-            for res in dict.fromkeys(r.resolution for r in floored):
-                at = [r for r in floored if r.resolution == res]
-                fr = [floor_ratios(r, bandwidth * 1e9, mac_rate * 1e9) for r in at]
-                for kind, size in (("memory", f"{at[0].floor_bytes['fwd'] / 1e6:.3g} / "
-                                              f"{at[0].floor_bytes['fwdbwd'] / 1e6:.3g} MB"),
-                                   ("compute", f"{at[0].macs / 1e9:.3g} / {3 * at[0].macs / 1e9:.3g} GMAC")):
-                    ms = " / ".join(_num(fr[0][f"{kind}_floor_ms_{m}"]) for m in LAYER_MODES)
-                    gaps = ", ".join(f"{r.name} " + " / ".join(_times(f[f"x_{kind}_floor_{m}"]) for m in LAYER_MODES)
-                                     for r, f in zip(at, fr))
-                    lead = f"  r={res}:" if kind == "memory" else " " * len(f"  r={res}:")
-                    out.append(f"{lead} {kind} {ms} ms ({size}); {gaps}")
-        faulted = [r for r in sel if any(r.cells[m].faults for m in LAYER_MODES)]
-        if faulted:
-            out.append("Page faults per call (minor, mean of the timed calls; memory the allocator gave back "
-                       "and the call touched again), fwd / fwd+bwd:")
-            for res in dict.fromkeys(r.resolution for r in faulted):
-                at = [r for r in faulted if r.resolution == res]
-                out.append(f"  r={res}: " + ", ".join(
-                    f"{r.name} " + " / ".join("-" if r.cells[m].faults_per_call is None
-                                              else f"{r.cells[m].faults_per_call:.0f}" for m in LAYER_MODES)
-                    for r in at))
-        out.append("")
-    sel = [r for r in rows if r.section == "models"]
-    if sel:
-        table = []
-        for row in sel:
-            ratios = model_ratios(rows, row)
-            fwd = row.time_s("fwd")
-            table.append([row.resolution, row.name, row.tokens,
-                          "-" if row.params is None else f"{row.params / 1e6:.2f}",
-                          "-" if row.macs is None else f"{row.macs / 1e9:.3f}",
-                          _cell_text(row.cells["fwd"]),
-                          _num(facts["batch_size"] / fwd) if fwd else "-",
-                          _cell_text(row.cells["train"]), _mem_text(row.cells["fwd"]),
-                          _mem_text(row.cells["train"]),
-                          _pair(ratios["vs_softmax_fwd"], ratios["vs_softmax_train"])
-                          if row.name.startswith("flatten_") else ""])
-        out.append(f"Whole models, batch {facts['batch_size']} (N: tokens of the first attention layer)")
-        out.append(tabulate(table, headers=["r", "model", "N", "params M", "GMAC", "fwd ms (IQR)",
-                                            "images/s", "train ms (IQR)", "fwd MiB", "train MiB",
-                                            "vs softmax"],
-                            tablefmt=tablefmt, disable_numparse=True))
-        notes = _notes(sel)
-        if notes:
-            out.append("Not measured:")
-            out.extend(notes)
-        out.append("")
-    out.append("ms: median (interquartile range) per call; MiB: peak above the baseline; GMAC: forward "
-               "multiply-adds (= the papers' GFLOPs); vs X: speed-up, time of X / time of the row, "
-               "forward / forward+backward (or training step).")
-    return "\n".join(out)
-
-
-def to_json(rows: Sequence[Row], facts: dict, interrupted: bool, elapsed: float) -> dict:
-    out = {"header": facts, "interrupted": interrupted, "elapsed_s": elapsed, "layers": [], "models": []}
-    for row in rows:
-        d = {"resolution": row.resolution, "grid": list(row.grid), "tokens": row.tokens,
-             "gmacs": None if row.macs is None else row.macs / 1e9}
-        if row.section == "layers":
-            d = {"shape": row.group, "method": row.name, "label": row.label, **d,
-                 "backend": row.backend, **layer_ratios(rows, row)}
-            if row.exactness:
-                d["vs_official_exactness"] = row.exactness
-            if row.floor_bytes:
-                bandwidth, mac_rate = facts.get("copy_bandwidth_GBps"), facts.get("matmul_GMACps")
-                d["floor_bytes"] = row.floor_bytes
-                d.update(floor_ratios(row, bandwidth and bandwidth * 1e9, mac_rate and mac_rate * 1e9))
-        else:
-            fwd = row.time_s("fwd")
-            d = {"model": row.name, **d, "params": row.params,
-                 "images_per_s": facts["batch_size"] / fwd if fwd else None,
-                 **model_ratios(rows, row)}
-        for mode, cell in row.cells.items():
-            d[mode] = cell.to_dict()
-        out[row.section].append(d)
+def _details(sel: Sequence[Row], facts: dict) -> list[str]:
+    """--details under a layer table: ours against official, the floors, the page faults."""
+    out = [f"Ours - official, largest |difference| ({facts['dtype']}, parameters ~ N(0, 0.1^2)):"]
+    out += [f"  r={r.case.resolution}: output {e['output_max_abs_diff']:.2g} (|output| <= "
+            f"{e['output_max_abs']:.3g}); gradients {e['grad_max_rel_diff']:.2g} of their "
+            "largest entry" for r in sel if (e := r.exactness)]
+    out = out if len(out) > 1 else []
+    bandwidth, mac_rate = facts.get("copy_bandwidth_GBps"), facts.get("matmul_GMACps")
+    floored = [r for r in sel if r.floor_bytes]
+    if floored and bandwidth and mac_rate:
+        out.append(f"Floors, fwd / fwd+bwd, and each row's time over them: memory (x, the "
+                   f"parameters, the output and for fwd+bwd their gradients, each moved once at "
+                   f"{bandwidth:.3g} GB/s, this run's copy rate); compute (the MACs at "
+                   f"{mac_rate:.3g} GMAC/s, this run's 512x512 matmul rate; fwd+bwd 3x fwd):")
+        for res in dict.fromkeys(r.case.resolution for r in floored):
+            at = [r for r in floored if r.case.resolution == res]
+            fr = [floor_ratios(r, bandwidth * 1e9, mac_rate * 1e9) for r in at]
+            b, macs = at[0].floor_bytes, at[0].macs
+            size = {"memory": f"{b['fwd'] / 1e6:.3g} / {b['fwdbwd'] / 1e6:.3g} MB",
+                    "compute": f"{macs / 1e9:.3g} / {3 * macs / 1e9:.3g} GMAC"}
+            for kind, lead in zip(size, (f"  r={res}:", " " * len(f"  r={res}:"))):
+                ms = " / ".join(_num(fr[0][f"{kind}_floor_ms_{m}"]) for m in LAYER_MODES)
+                gaps = ", ".join(f"{r.case.name} " + " / ".join(
+                    _num(f[f"x_{kind}_floor_{m}"]) + "x" for m in LAYER_MODES)
+                    for r, f in zip(at, fr))
+                out.append(f"{lead} {kind} {ms} ms ({size[kind]}); {gaps}")
+    if faulted := [r for r in sel if any(m.faults for m in r.cells.values())]:
+        out.append("Page faults per call (minor, mean of the timed calls: memory the allocator "
+                   "gave back and the call touched again), fwd / fwd+bwd:")
+        out += [f"  r={res}: " + ", ".join(f"{r.case.name} " + " / ".join(
+            f"{statistics.mean(m.faults):.0f}" if m.faults else "-" for m in r.cells.values())
+            for r in faulted if r.case.resolution == res)
+            for res in dict.fromkeys(r.case.resolution for r in faulted)]
     return out
 
 
-CSV_FIELDS = ["section", "shape", "model", "method", "label", "backend", "resolution", "grid", "tokens",
-              "params", "gmacs", "mode", "status", "reason", "median_ms", "q1_ms", "q3_ms", "iqr_ms",
-              "min_ms", "max_ms", "repeats", "peak_mib", "page_faults_per_call", "estimate_s", "estimate_mib",
-              "images_per_s",
-              "vs_sdpa", "vs_official", "vs_softmax",
-              "device", "device_name", "torch", "dtype", "threads", "batch_size"]
+LAYER_HEADERS = ["r", "N", "method", "fwd ms (IQR)", "fwd+bwd ms (IQR)", "fwd MiB",
+                 "fwd+bwd MiB", "GMAC", "vs SDPA", "vs official"]
+MODEL_HEADERS = ["r", "model", "N", "params M", "GMAC", "fwd ms (IQR)", "images/s",
+                 "train ms (IQR)", "fwd MiB", "train MiB", "vs softmax"]
 
 
-def write_csv(path: str, rows: Sequence[Row], facts: dict) -> None:
-    """One line per cell (row x mode), with the header facts repeated on every line."""
+def render(rows: dict[Case, Row], facts: dict, tablefmt: str = "github",
+           details: bool = False) -> str:
+    """The header line and the tables, each with its missing cells (and details)."""
+    out, B = [header_line(facts), *_load_line(facts), ""], facts["batch_size"]
+    layer_rows = [r for r in rows.values() if r.case.section == "layers"]
+    for shape_name in dict.fromkeys(r.case.group for r in layer_rows):
+        sel = [r for r in layer_rows if r.case.group == shape_name]
+        table = [[row.case.resolution, row.tokens,
+                  row.label + (f" [{row.backend}]" if row.backend else ""),
+                  *map(_cell_text, row.cells.values()), *map(_mem_text, row.cells.values()),
+                  _num(row.macs / 1e9), *(_pair(ratios(rows, row), ref, LAYER_MODES)
+                                          for ref in ("sdpa", "official"))] for row in sel]
+        out += [f"Attention layer: {SHAPES[shape_name].title}, batch {B}",
+                tabulate(table, LAYER_HEADERS, tablefmt=tablefmt, disable_numparse=True),
+                *_notes(sel), *(_details(sel, facts) if details else []), ""]
+    if sel := [r for r in rows.values() if r.case.section == "models"]:
+        table = []
+        for row in sel:
+            fwd, train = row.cells["fwd"], row.cells["train"]
+            table.append([
+                row.case.resolution, row.case.name, "-" if row.tokens is None else row.tokens,
+                "-" if row.params is None else f"{row.params / 1e6:.2f}",
+                "-" if row.macs is None else f"{row.macs / 1e9:.3f}", _cell_text(fwd),
+                _num(B / fwd.median_s) if fwd.ok else "-", _cell_text(train), _mem_text(fwd),
+                _mem_text(train), _pair(ratios(rows, row), "softmax", MODEL_MODES)
+                if row.case.name.startswith("flatten_") else ""])
+        out += [f"Whole models, batch {B} (N: tokens of the first attention stage)",
+                tabulate(table, MODEL_HEADERS, tablefmt=tablefmt, disable_numparse=True),
+                *_notes(sel), ""]
+    out.append(f"ms: median (IQR) per call, {facts['timer']}; MiB: peak above the baseline; "
+               "GMAC: forward multiply-adds (= the papers' GFLOPs); vs X: speed-up, time of X / "
+               "time of the row, forward / forward+backward (or training step).")
+    if any(m.noisy for r in rows.values() for m in r.cells.values()):
+        out.append(f"?: noisy, the IQR above {NOISE_THRESHOLD:.0%} of the median; a ratio marked "
+                   "? uses such a time and is no result (rerun it on a quieter machine).")
+    return "\n".join(out)
+
+
+def to_json(rows: dict[Case, Row], facts: dict, interrupted: bool, elapsed: float) -> dict:
+    out = {"header": facts, "interrupted": interrupted, "elapsed_s": elapsed, "layers": [],
+           "models": []}
+    bandwidth, mac_rate = facts.get("copy_bandwidth_GBps"), facts.get("matmul_GMACps")
+    for row in rows.values():
+        c, fwd = row.case, row.cells["fwd"]
+        d = {"resolution": c.resolution, "grid": row.grid and list(row.grid),
+             "tokens": row.tokens, "gmacs": None if row.macs is None else row.macs / 1e9}
+        if c.section == "layers":
+            d = {"shape": c.group, "method": c.name, "label": row.label, **d,
+                 "backend": row.backend, "paths": row.paths}
+        else:
+            d = {"model": c.name, "label": row.label, **d, "params": row.params,
+                 "images_per_s": facts["batch_size"] / fwd.median_s if fwd.ok else None}
+        for key, (value, noisy) in ratios(rows, row).items():
+            d[key], d[key + "_noisy"] = value, noisy
+        if row.exactness:
+            d["vs_official_exactness"] = row.exactness
+        if row.floor_bytes:
+            d["floor_bytes"] = row.floor_bytes
+            d.update(floor_ratios(row, bandwidth and bandwidth * 1e9, mac_rate and mac_rate * 1e9))
+        d.update((mode, m.to_dict()) for mode, m in row.cells.items())
+        out[c.section].append(d)
+    return out
+
+
+HEADER_FIELDS = ["device", "device_name", "torch", "dtype", "threads", "batch_size"]
+CSV_FIELDS = ["section", "shape", "model", "method", "label", "backend", "resolution", "grid",
+              "tokens", "params", "gmacs", "mode", "status", "reason", "median_ms", "q1_ms",
+              "q3_ms", "iqr_ms", "min_ms", "max_ms", "repeats", "noisy", "peak_mib",
+              "page_faults_per_call", "estimate_s", "estimate_mib", "images_per_s",
+              *(f"vs_{r}{n}" for r in ("sdpa", "official", "softmax") for n in ("", "_noisy")),
+              *HEADER_FIELDS]
+
+
+def write_csv(path: str, data: dict) -> None:
+    """One line per cell (row x mode) of to_json's data, the header facts on every line."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
-        for row in rows:
-            layer = row.section == "layers"
-            ratios = layer_ratios(rows, row) if layer else model_ratios(rows, row)
-            for mode, cell in row.cells.items():
-                d = cell.to_dict()
-                d.pop("times_ms", None)
-                fwd = row.time_s("fwd")
-                w.writerow({
-                    "section": row.section, "shape": row.group if layer else "",
-                    "model": "" if layer else row.name, "method": row.name if layer else "",
-                    "label": row.label, "backend": row.backend or "", "resolution": row.resolution,
-                    "grid": f"{row.grid[0]}x{row.grid[1]}", "tokens": row.tokens,
-                    "params": row.params if row.params is not None else "",
-                    "gmacs": row.macs / 1e9 if row.macs is not None else "", "mode": mode,
-                    **{k: ("" if v is None else v) for k, v in d.items()},
-                    "images_per_s": facts["batch_size"] / fwd if (not layer and mode == "fwd" and fwd) else "",
-                    "vs_sdpa": _blank(ratios.get(f"vs_sdpa_{mode}")),
-                    "vs_official": _blank(ratios.get(f"vs_official_{mode}")),
-                    "vs_softmax": _blank(ratios.get(f"vs_softmax_{mode}")),
-                    **{k: facts[k] for k in ("device", "device_name", "torch", "dtype", "threads", "batch_size")},
-                })
+        for section, d in ((s, d) for s in ("layers", "models") for d in data[s]):
+            for mode in LAYER_MODES if section == "layers" else MODEL_MODES:
+                line = {**d, **d[mode], "section": section, "mode": mode,
+                        "grid": d["grid"] and "x".join(map(str, d["grid"])),
+                        "images_per_s": d.get("images_per_s") if mode == "fwd" else None,
+                        **{k: data["header"][k] for k in HEADER_FIELDS}}
+                for ref in ("sdpa", "official", "softmax"):
+                    line[f"vs_{ref}"] = d.get(f"vs_{ref}_{mode}")
+                    line[f"vs_{ref}_noisy"] = d.get(f"vs_{ref}_{mode}_noisy") \
+                        if line[f"vs_{ref}"] is not None else None
+                w.writerow({k: "" if v is None else v for k, v in line.items()})
 
 
-def _blank(x):
-    return "" if x is None else x
-
-
-def write_plot(path: str, rows: Sequence[Row], facts: dict) -> None:
-    """Forward (solid) and forward+backward (dashed) time and peak memory against tokens, log-log:
-    one panel pair per layer shape, one colour per method."""
+def write_plot(path: str, rows: dict[Case, Row], facts: dict) -> None:
+    """Time and peak memory against tokens per layer shape; fwd solid, fwd+bwd dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-    shapes = list(dict.fromkeys(r.group for r in rows if r.section == "layers"))
+    layer_rows = [r for r in rows.values() if r.case.section == "layers"]
+    shapes = list(dict.fromkeys(r.case.group for r in layer_rows))
     if not shapes:
         return
     fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4.2 * len(shapes)), squeeze=False)
-    for i, shape_name in enumerate(shapes):
-        ax_t, ax_m = axes[i]
-        for k, method in enumerate(dict.fromkeys(r.name for r in rows if r.group == shape_name)):
-            sel = sorted((r for r in rows if r.section == "layers" and r.group == shape_name
-                          and r.name == method), key=lambda r: r.tokens)
-            color = f"C{k}"
+    for (ax_t, ax_m), shape_name in zip(axes, shapes):
+        sel = [r for r in layer_rows if r.case.group == shape_name]
+        for k, method in enumerate(dict.fromkeys(r.case.name for r in sel)):
+            line = sorted((r for r in sel if r.case.name == method), key=lambda r: r.tokens)
             for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
-                pts = [(r.tokens, r.cells[mode]) for r in sel if r.cells[mode].ok]
-                label = METHODS[method] if mode == "fwd" else None
+                pts = [(r.tokens, r.cells[mode]) for r in line if r.cells[mode].ok]
+                kw = {"marker": "o", "color": f"C{k}", "label": line[0].label * (mode == "fwd")}
                 if pts:
-                    ax_t.plot([n for n, _ in pts], [c.median_s * 1e3 for _, c in pts], style, marker="o",
-                              color=color, label=label)
-                mem = [(n, c.peak_bytes / 2 ** 20) for n, c in pts if c.peak_bytes]
-                if mem:
-                    ax_m.plot([n for n, _ in mem], [m for _, m in mem], style, marker="o", color=color, label=label)
+                    ax_t.plot([n for n, _ in pts], [m.median_s * 1e3 for _, m in pts], style, **kw)
+                if mem := [(n, m.peak_bytes / 2 ** 20) for n, m in pts if m.peak_bytes]:
+                    ax_m.plot([n for n, _ in mem], [v for _, v in mem], style, **kw)
         for ax, ylabel in ((ax_t, "ms per call (median)"), (ax_m, "peak MiB above baseline")):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("tokens N")
-            ax.set_ylabel(ylabel)
+            ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
             ax.set_title(SHAPES[shape_name].title, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
@@ -1243,8 +988,8 @@ def write_plot(path: str, rows: Sequence[Row], facts: dict) -> None:
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# Command line
+# =============================================================================
+# The command line: the flags, their checks before anything runs, the run, the outputs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1254,175 +999,309 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _resolution(text: str) -> int:
-    try:
-        r = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must be a whole number of pixels, got {text!r}")
-    if r <= 0:
-        raise argparse.ArgumentTypeError(f"resolution must be positive, got {r}")
-    if r < MIN_RESOLUTION:
-        raise argparse.ArgumentTypeError(
-            f"resolution {r} is too small: the PVT models need at least {MIN_RESOLUTION} pixels")
-    return r
+def _number(kind: type, what: str, low: float):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {n}")
-    return n
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _non_negative(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
-    return x
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench.py", description=(
-        "Time and peak memory of focused linear attention against softmax attention "
-        "(attention layers and whole models) across resolutions."))
-    p.add_argument("--resolutions", type=_resolution, nargs="+", default=[224, 512, 1024], metavar="R",
-                   help="image sizes r (r x r pixels); the token grid is r // patch (default 224 512 1024)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and inputs (default float32)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="(default 1)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads (default: every CPU this process may use)")
-    p.add_argument("--sections", nargs="+", choices=["layers", "models"], default=["layers", "models"],
-                   help="attention layers, whole models (default both)")
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                   help="layer shapes: deit (DeiT-T layer), pvt (FLatten-PVT stage 1)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
-                   help="attention methods of the layer section (default: all; ours-torch, ours "
-                        "without flatten.py's Triton kernels, only on CUDA with Triton installed)")
-    p.add_argument("--models", nargs="+", choices=fl.list_models(), default=list(DEFAULT_MODELS),
-                   metavar="MODEL", help=f"models of the model section (default {' '.join(DEFAULT_MODELS)})")
-    p.add_argument("--warmup", type=_positive_int, default=1, help="untimed calls before a cell (default 1)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="at least this many timed calls (default 3)")
-    p.add_argument("--min-time", type=_non_negative, default=0.2,
-                   help="more timed calls until this many seconds are timed (default 0.2)")
-    p.add_argument("--max-repeats", type=_positive_int, default=50, help="at most this many timed calls (default 50)")
-    p.add_argument("--cell-budget", type=_non_negative, default=8.0,
-                   help="skip a cell estimated to take longer, warm-up included; 0: no limit (default 8)")
-    p.add_argument("--time-budget", type=_non_negative, default=120.0,
-                   help="skip the cells that would not finish within this many seconds of the run; "
-                        "0: no limit (default 120)")
-    p.add_argument("--seed", type=int, default=0, help="of the weights, the inputs and the timing order (default 0)")
-    p.add_argument("--json", metavar="PATH", help="save every number and the header facts as JSON")
-    p.add_argument("--csv", metavar="PATH", help="save one line per cell as CSV")
-    p.add_argument("--plot", metavar="PATH", help="save a log-log plot of time and memory against tokens "
-                                                   "(needs matplotlib)")
-    p.add_argument("--table-format", default="github", help="tabulate format (default github)")
+    p = _Parser(prog="bench.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Time, peak memory and MACs of focused linear attention against "
+                "softmax attention, layers and models; docs/benchmark.md.")
+    add, positive = p.add_argument, _number(int, "a positive whole number", 1)
+    seconds = _number(float, "a number of seconds >= 0", 0)
+    add("--resolutions", nargs="+", default=[224, 512, 1024], metavar="R",
+        type=_number(int, "a positive whole number of pixels", 1),
+        help="image sizes r (r x r pixels); the token grid is r // patch")
+    add("--device", choices=["cpu", "cuda"], default="cpu", help=" ")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help=" ")
+    add("--batch-size", type=positive, default=1, help=" ")
+    add("--threads", type=positive, help="CPU threads (default: every CPU this process may use; "
+        "1 when the load average is at least that at the start)")
+    add("--sections", nargs="+", choices=["layers", "models"], default=["layers", "models"],
+        help="attention layers, whole models")
+    add("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+        help="layer shapes: deit (DeiT-T layer), pvt (FLatten-PVT stage 1)")
+    add("--methods", nargs="+", choices=list(METHODS), help="layer methods (default: all but "
+        "reference and baseline; ours-torch only on CUDA with Triton installed)")
+    add("--baseline", metavar="FILE", help="another copy of flatten.py (an older version, say): "
+        "adds the method baseline, its FocusedLinearAttention with ours' weights")
+    add("--models", nargs="+", choices=fl.list_models(), default=list(DEFAULT_MODELS),
+        metavar="MODEL", help="models of the model section")
+    add("--warmup", type=_number(int, "a whole number >= 0", 0), default=1,
+        help="untimed calls before a cell; 0: the first timed call serves")
+    add("--repeats", type=positive, default=3, help="at least this many timed calls")
+    add("--min-time", type=seconds, default=0.2, help="more until this many seconds are timed")
+    add("--max-repeats", type=positive, default=50, help="at most this many timed calls")
+    add("--cell-budget", type=seconds, default=8.0,
+        help="skip a cell estimated to take longer, warm-up included; 0: no limit")
+    add("--time-budget", type=seconds, default=120.0,
+        help="skip the cells that would not finish within this many seconds; 0: no limit")
+    add("--seed", type=int, default=0, help="of the weights, inputs and timing order")
+    add("--json", metavar="PATH", help="save every number and the header facts as JSON")
+    add("--csv", metavar="PATH", help="save one line per cell as CSV")
+    add("--plot", metavar="PATH", help="save a log-log plot of time and memory against tokens "
+        "(matplotlib; the suffix picks the format: .png, .pdf, .svg, ...)")
+    add("--table-format", default="github", help="a tabulate format")
+    add("--details", action="store_true", help="under each layer table: ours against the "
+        "official formulation, compute and memory floors, page faults (always in the JSON)")
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None):
+def output_problem(opt: str, path: str) -> str | None:
+    """Why an output path cannot be written, found by creating the file and removing it."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        return f"--{opt} {path}: is a folder, not a file"
+    if not os.path.isdir(os.path.dirname(full)):
+        return f"--{opt} {path}: the folder does not exist"
+    try:
+        existed = os.path.exists(full)
+        open(full, "ab" if existed else "xb").close()  # appending nothing leaves it as it is
+        if not existed:
+            os.remove(full)
+    except OSError as err:
+        return f"--{opt} {path}: cannot be written ({err.strerror or err})"
+    return None
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The flags, checked: a problem is one line and exit status 2, before anything runs."""
     p = make_parser()
     args = p.parse_args(argv)
+    cpus, load = usable_cpus(), load_average()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available to this torch "
                 f"({torch.__version__}, torch.cuda.is_available() is False)")
+    if min(args.resolutions) < MIN_RESOLUTION:
+        p.error(f"--resolutions {min(args.resolutions)}: too small, the PVT models need at least "
+                f"{MIN_RESOLUTION} pixels")
     if args.max_repeats < args.repeats:
         p.error(f"--max-repeats {args.max_repeats} is below --repeats {args.repeats}")
-    for opt in ("json", "csv", "plot"):
-        path = getattr(args, opt)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            p.error(f"--{opt} {path}: the folder does not exist")
+    if args.table_format not in tabulate_formats:
+        p.error(f"--table-format {args.table_format}: not a tabulate format; one of "
+                + ", ".join(tabulate_formats))
+    if args.threads is not None and args.threads > cpus:
+        p.error(f"--threads {args.threads}: this process may use {cpus} CPUs")
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib.backend_bases
         except ImportError:
             p.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-    args.torch_dtype = getattr(torch, args.dtype)
-    args.threads = args.threads or _default_threads()
-    args.resolutions = list(dict.fromkeys(args.resolutions))
-    if args.methods is None:  # ours-torch differs from ours only where the Triton kernels run
-        triton_runs = args.device == "cuda" and fl.triton is not None
-        args.methods = [m for m in METHODS if m != "ours-torch" or triton_runs]
-    for opt in ("shapes", "methods", "models", "sections"):
+        formats = sorted(matplotlib.backend_bases.FigureCanvasBase.get_supported_filetypes())
+        if os.path.splitext(args.plot)[1][1:].lower() not in formats:
+            p.error(f"--plot {args.plot}: the suffix must name a format matplotlib writes: "
+                    + ", ".join("." + f for f in formats))
+    outputs = [(opt, getattr(args, opt)) for opt in ("json", "csv", "plot") if getattr(args, opt)]
+    for problem in filter(None, (output_problem(opt, path) for opt, path in outputs)):
+        p.error(problem)
+    for (o1, p1), (o2, p2) in itertools.combinations(outputs, 2):
+        if os.path.realpath(p1) == os.path.realpath(p2):
+            p.error(f"--{o1} and --{o2} name the same file, {p1}")
+    if args.methods is None:  # ours-torch differs from ours only where Triton kernels run
+        optional = {"ours-torch": args.device == "cuda" and fl.triton is not None,
+                    "reference": False, "baseline": bool(args.baseline)}
+        args.methods = [m for m in METHODS if optional.get(m, True)]
+    args.methods += ["baseline"] if args.baseline else []
+    if "baseline" in args.methods and not args.baseline:
+        p.error("--methods baseline needs --baseline FILE, a copy of flatten.py")
+    args.baseline_module = None
+    if args.baseline:
+        try:
+            args.baseline_module = load_baseline(args.baseline)
+        except Exception as err:  # noqa: BLE001 (whatever importing a file raises: one line)
+            p.error(f"--baseline {args.baseline}: cannot import it: {type(err).__name__}: "
+                    f"{_first_line(err)}")
+    for opt in ("resolutions", "shapes", "methods", "models", "sections"):
         setattr(args, opt, list(dict.fromkeys(getattr(args, opt))))
+    args.torch_dtype, args.cpus, args.load = getattr(torch, args.dtype), cpus, load
+    busy, args.threads_note = args.device == "cpu" and is_busy(load, cpus), None
+    if busy and args.threads is None:
+        args.threads_note = (f"load average {load:g} on {cpus} usable CPUs at the start: "
+                             "measuring on 1 thread (--threads N chooses); times may be noisy")
+    elif busy:
+        args.threads_note = (f"warning: load average {load:g} on {cpus} usable CPUs at the "
+                             f"start: {args.threads} threads compete with other processes")
+    args.threads = args.threads or (1 if busy else cpus)
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def header_facts(args, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    return {"device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+            "torch": torch.__version__, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size, "python": platform.python_version(),
+            "platform": platform.platform(terse=True),
+            "timer": "CUDA events" if cuda else "time.perf_counter",
+            "memory": "torch.cuda.max_memory_allocated" if cuda
+            else "torch.profiler allocation events (profile_memory=True)",
+            "macs": "multiply-adds of matmuls and convolutions (1 MAC = 2 FLOP)",
+            "warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time,
+            "max_repeats": args.max_repeats, "cell_budget_s": args.cell_budget,
+            "time_budget_s": args.time_budget, "seed": args.seed, "cpus": args.cpus,
+            "load_average_1min": args.load, "threads_note": args.threads_note,
+            "noise_threshold": NOISE_THRESHOLD, "baseline": args.baseline}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def prepare_layer(args, row: Row, device, backends: dict) -> dict:
+    """A layer row's calls, with its floor bytes, paths and peak-memory estimate per mode."""
+    shape, name, B = SHAPES[row.case.group], row.case.name, args.batch_size
+    if name == "sdpa" and shape.name not in backends:  # SDPA's backend, from a tiny input
+        tiny = layer_calls("sdpa", shape, (2, 2), device, args.torch_dtype, B, 0)["fwd"]
+        backends[shape.name] = sdpa_backend(peak_memory(tiny, device, op_names=True)[1])
+    calls = layer_calls(name, shape, row.grid, device, args.torch_dtype, B, args.seed,
+                        args.baseline_module)
+    row.floor_bytes, row.paths = calls["floor"], calls["paths"]
+    fwd_path = (row.paths or {}).get("fwd")
+    row.backend = backends.get(shape.name) if name == "sdpa" else (
+        "Triton forward" if fwd_path == "triton" else fwd_path)
+    elem = torch.empty((), dtype=args.torch_dtype).element_size()
+    calls["bytes"] = {mode: layer_memory_estimate(name, mode, B, row.tokens, shape.dim,
+                                                  shape.heads, elem, backends.get(shape.name))
+                      for mode in LAYER_MODES}
+    return calls
+
+
+def prepare_model(args, row: Row, device, models: dict) -> dict:
+    """A model row's calls; a model is built once, then resized (set_input_size)."""
+    name, r = row.case.name, row.case.resolution
+    if name not in models:
+        torch.manual_seed(args.seed)
+        models[name] = (fl.create_model(name, img_size=r), r)
+    model, size = models[name]
+    if size != r:
+        model.set_input_size(r)
+    model = model.to(device, args.torch_dtype)
+    models[name] = (model, r)
+    row.params = sum(p.numel() for p in model.parameters())
+    row.tokens = first_attention_tokens(model, r)
+    row.macs = model_macs(model, args.batch_size, r)
+    return model_calls(model, args.batch_size, r, device, args.torch_dtype, args.seed)
+
+
+def run_resolution(args, measurer: Measurer, rows: dict[Case, Row], r: int, state: dict) -> None:
+    """Resolution r: per layer shape (then models) build the calls, measure mode by mode."""
+    groups = [("layers", s, args.methods) for s in args.shapes if "layers" in args.sections]
+    groups += [("models", None, args.models)] if "models" in args.sections else []
+    for section, shape_name, names in groups:
+        group = [rows[Case(section, shape_name or n, n, r)] for n in names]
+        if measurer.out_of_time(group):
+            continue
+        calls = {}
+        for row in group:
+            try:
+                calls[row.case.name] = (
+                    prepare_layer(args, row, measurer.device, state["backends"])
+                    if section == "layers" else
+                    prepare_model(args, row, measurer.device, state["models"]))
+            except Exception as err:  # noqa: BLE001 (memory, a baseline that differs: the row says)
+                for mode in row.case.modes:
+                    measurer.fail(Job(Cell(row.case, mode), row), err)
+        if "ours" in calls and "official" in calls:
+            rows[Case(section, shape_name, "ours", r)].exactness = compare_to_official(
+                SHAPES[shape_name], group[0].grid, measurer.device, args.torch_dtype,
+                args.batch_size, args.seed)
+        for mode in group[0].case.modes:
+            jobs = []
+            for row in (r for r in group if r.case.name in calls):
+                call = calls[row.case.name]
+                call["module"].train(mode != "fwd")
+                est_s, est_bytes = measurer.estimates(row, mode)
+                jobs.append(Job(Cell(row.case, mode), row, call[mode], est_s,
+                                call["bytes"][mode] if "bytes" in call else est_bytes,
+                                row.case.name == "sdpa"))
+            measurer.run_group(jobs)
+        del calls
+        gc.collect()
+
+
+def save_outputs(args, rows: dict[Case, Row], facts: dict, interrupted: bool, elapsed: float,
+                 log: Callable[[str], None]) -> bool:
+    """Write each output on its own; a failure is one line. True if all were written."""
+    data = to_json(rows, facts, interrupted, elapsed)
+
+    def write_json(path):
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+
+    writers = {"json": write_json, "csv": lambda path: write_csv(path, data),
+               "plot": lambda path: write_plot(path, rows, facts)}
+    ok = True
+    for opt, write in writers.items():
+        if path := getattr(args, opt):
+            try:
+                write(path)
+                log(f"saved {path}")
+            except Exception as err:  # noqa: BLE001 (a full disk, a plotting failure: one line)
+                ok = False
+                log(f"bench.py: --{opt} {path} not written: {type(err).__name__}: "
+                    f"{_first_line(err)}")
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no kineto start/stop lines on stderr
+    for r, patch in itertools.product(args.resolutions, (16, 4)):  # DeiT, then PVT stage 1
+        if r % patch:
+            log(f"note: {r} is not a multiple of {patch}: a patch-{patch} embedding drops the "
+                f"last {r % patch} pixels (grid {r // patch}x{r // patch})")
+    if args.threads_note:
+        log(args.threads_note)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    # kineto (the CPU memory profiler) logs every start and stop on stderr unless told not to
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    for r in args.resolutions:
-        for patch in (16, 4):  # DeiT, then PVT stage 1
-            if r % patch:
-                log(f"note: {r} is not a multiple of {patch}: a patch-{patch} embedding drops the last "
-                    f"{r % patch} pixels (grid {r // patch}x{r // patch})")
-    facts = header_facts(args, device)
-    rows = plan_rows(args)
-    if any(r.section == "layers" and r.name in ("ours", "official") for r in rows):
+    facts, cells = header_facts(args, device), plan(args)
+    rows = make_rows(cells, args)
+    if any(c.case.section == "layers" and c.case.name in FLATTEN_METHODS for c in cells):
         bandwidth = copy_bandwidth(device, args.torch_dtype)
-        facts["copy_bandwidth_GBps"] = None if bandwidth is None else bandwidth / 1e9
-    total = sum(len(r.modes) for r in rows)
-    runner = Runner(args, device, total, log)
-    facts["matmul_GMACps"] = runner.rate / 1e9
+        facts["copy_bandwidth_GBps"] = bandwidth and bandwidth / 1e9
+    measurer = Measurer(args, device, len(cells), log)
+    facts["matmul_GMACps"] = measurer.rate / 1e9
     log(header_line(facts))
-    load = facts["load_average_1min"]
-    if device.type == "cpu" and load is not None and load >= facts["cpus"]:
-        log(f"warning: load average {load:g} on {facts['cpus']} CPUs: other processes compete for them, so "
-            "times are noisy (see the IQR) and multi-threaded calls can stall, each op waiting for a thread "
-            "that is not running; --threads 1 suffers less")
-    interrupted = False
+    interrupted, state = False, {"backends": {}, "models": {}}
     try:
-        backends: Dict[str, Optional[str]] = {}
-        models: Dict[str, nn.Module] = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for r in args.resolutions:  # resolution first: a time budget cuts the largest r
-                if "layers" in args.sections:
-                    run_layers(args, runner, rows, r, backends)
-                if "models" in args.sections:
-                    run_models(args, runner, rows, r, models)
+            for r in args.resolutions:
+                run_resolution(args, measurer, rows, r, state)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: printing and saving what was measured")
     finally:
         torch.set_num_threads(threads_before)
-    for row in rows:
-        for cell in row.cells.values():
-            if cell.status == "pending":
-                cell.status, cell.reason = "interrupted", "not run: the run was interrupted"
-    elapsed = runner.elapsed()
-    facts["load_average_1min_end"] = _load_average()
-    print(render(rows, facts, args.table_format))
-    print(f"\n{total} cells in {elapsed:.0f} s" + (" (interrupted)" if interrupted else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(rows, facts, interrupted, elapsed), f, indent=1)
-        log(f"saved {args.json}")
-    if args.csv:
-        write_csv(args.csv, rows, facts)
-        log(f"saved {args.csv}")
-    if args.plot:
-        write_plot(args.plot, rows, facts)
-        log(f"saved {args.plot}")
-    return 130 if interrupted else 0
+    for m in (m for row in rows.values() for m in row.cells.values() if m.status == "pending"):
+        m.status, m.reason = "interrupted", "not run: the run was interrupted"
+    elapsed = measurer.elapsed()
+    facts["load_average_1min_end"] = load_average()
+    print(render(rows, facts, args.table_format, args.details))
+    print(f"\n{len(cells)} cells in {elapsed:.0f} s" + (" (interrupted)" if interrupted else ""))
+    written = save_outputs(args, rows, facts, interrupted, elapsed, log)
+    return 130 if interrupted else 0 if written else 1
 
 
 if __name__ == "__main__":
