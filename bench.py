@@ -410,7 +410,8 @@ def sdpa_backend(names: Sequence[str]) -> str | None:
     """The SDPA backend among a call's aten op names (None if it did not call SDPA)."""
     found = [n[len("aten::_scaled_dot_product_"):] for n in names
              if n.startswith("aten::_scaled_dot_product_")]
-    return next((SDPA_BACKENDS[n] for n in found if n in SDPA_BACKENDS), found[0] if found else None)
+    known = [SDPA_BACKENDS[n] for n in found if n in SDPA_BACKENDS]
+    return (known or found or [None])[0]
 
 
 def is_oom(err: BaseException) -> bool:
@@ -698,9 +699,10 @@ class Measurer:
         gc.collect()  # the failed call's tensors, held by the exception's frames
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        oom = is_oom(err)
-        self._end(job, "oom" if oom else "error", ("out of memory: " if oom
-                                                   else f"{type(err).__name__}: ") + _first_line(err))
+        if is_oom(err):
+            self._end(job, "oom", f"out of memory: {_first_line(err)}")
+        else:
+            self._end(job, "error", f"{type(err).__name__}: {_first_line(err)}")
 
     def _end(self, job: Job, status: str, reason: str = "") -> None:
         res, c = job.result, job.cell.case
