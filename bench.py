@@ -580,7 +580,7 @@ class Job:
     """A cell about to be measured: its call, its estimates, the row it fills."""
     cell: Cell
     row: Row
-    fn: Callable[[], object] = print
+    fn: Callable[[], object] | None = None  # None: a cell ended before it could run
     est_s: float | None = None
     est_bytes: int | None = None
     want_ops: bool = False  # read SDPA's backend from the memory call's ops
@@ -1138,7 +1138,7 @@ def parse_args(argv: Sequence[str] | None = None):
                              "measuring on 1 thread (--threads N chooses); times may be noisy")
     elif busy:
         args.threads_note = (f"warning: load average {load:g} on {cpus} usable CPUs at the "
-                             f"start: {args.threads} threads compete with other processes")
+                             f"start: {args.threads} thread(s) compete with other processes")
     args.threads = args.threads or (1 if busy else cpus)
     return args
 
@@ -1229,7 +1229,7 @@ def run_resolution(args, measurer: Measurer, rows: dict[Case, Row], r: int, stat
                 args.batch_size, args.seed)
         for mode in group[0].case.modes:
             jobs = []
-            for row in (r for r in group if r.case.name in calls):
+            for row in (x for x in group if x.case.name in calls):
                 call = calls[row.case.name]
                 call["module"].train(mode != "fwd")
                 est_s, est_bytes = measurer.estimates(row, mode)

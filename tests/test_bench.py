@@ -323,8 +323,8 @@ def test_plot_without_matplotlib_exits_2(monkeypatch, capsys, tmp_path):
 def test_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "p.png"
-    code, _, _ = run_main(["--resolutions", "32", "64", "--sections", "layers", "--methods",
-                           "sdpa", "ours", "--plot", str(path), *TINY])
+    code, _, _ = run_main(["--resolutions", "32", "64", "--sections", "layers", "--shapes", "pvt",
+                           "--methods", "sdpa", "ours", "--plot", str(path), *TINY])
     assert code == 0 and path.stat().st_size > 10_000, "a PNG with two panels per layer shape"
 
 
@@ -460,10 +460,10 @@ def test_first_attention_tokens_come_from_the_built_model():
     assert bench.first_attention_tokens(Swinlike(), 64) == 16 * 8
     assert bench.first_attention_tokens(WithClassTokens(), 64) == 16 * 8 + 2
     assert bench.first_attention_tokens(nn.Linear(2, 2), 64) is None
-    pvt = fl.create_model("flatten_pvt_tiny", img_size=64)
-    assert bench.first_attention_tokens(pvt, 64) == 16 * 16
-    deit = fl.create_model("deit_tiny", img_size=64)
-    assert bench.first_attention_tokens(deit, 64) == 4 * 4 + 1
+    pvt = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=2)
+    assert bench.first_attention_tokens(pvt, 64) == 16 * 16, "stage 1 of a PVT: patch 4"
+    deit = fl.create_model("deit_tiny", img_size=64, depth=1, num_classes=2)
+    assert bench.first_attention_tokens(deit, 64) == 4 * 4 + 1, "patch 16, + class token"
 
 
 # -----------------------------------------------------------------------------
