@@ -1,4 +1,4 @@
-"""Rank and row entropy of attention maps at DeiT-T's shape (the paper's Fig. 5; issue 4).
+"""Rank and row entropy of attention maps at DeiT-T's shape (the paper's Fig. 5).
 
 Usage:
     python analysis.py                      # 14 x 14 = 196 tokens, 3 heads of d = 64, p = 3
