@@ -281,7 +281,7 @@ def test_nothing_printed():
             "flatten.FocusedLinearAttention(64, 3136, 1)")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False,
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, f"import and construction failed: {run.stderr}"
     assert run.stdout == "" and run.stderr == "", \
         f"import and construction printed: stdout {run.stdout!r}, stderr {run.stderr!r}"
 
