@@ -48,6 +48,7 @@ __all__ = [
     "SoftmaxAttention", "VanillaLinearAttention", "L2ViTLinearAttention",
     "linear_attention_matrix", "dwc_matrix", "attention_map", "official_forward",
     "resample_grid", "PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
+    "SwinConfig", "SwinTransformer",
     "MODELS", "create_model", "list_models", "load_pretrained", "checkpoint_filter_fn",
     "set_fast_path", "get_fast_path",
 ]
@@ -333,6 +334,8 @@ def _image(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """(B, H*W, C) tokens -> (B, C, H, W), a view of their channels-last memory, on which
     convolutions run channels-last. (A transpose-then-reshape view of the same memory is not
     recognised as channels-last at B = 1, and its convolutions take a slow path.)"""
+    if _is_compiling():
+        return tokens.transpose(1, 2).unflatten(-1, (H, W)).contiguous()
     return tokens.unflatten(1, (H, W)).permute(0, 3, 1, 2)
 
 
@@ -400,13 +403,13 @@ class SoftmaxAttention(nn.Module):
         P, h = self.num_prefix_tokens, self.num_heads
         _check_tokens(x, H, W, P, self.dim)
         B, N, C = x.shape
-        q = self.q(x).reshape(B, N, h, -1).transpose(1, 2)                 # (B, h, N, d)
+        q = self.q(x).unflatten(-1, (h, -1)).transpose(1, 2)               # (B, h, N, d)
         if self.sr_ratio > 1:
             if H < self.sr_ratio or W < self.sr_ratio:
                 raise ValueError(f"grid {H}x{W} is smaller than sr_ratio={self.sr_ratio}")
             grid = _tokens(self.sr(_image(x[:, P:], H, W)))
             x = self.norm(torch.cat([x[:, :P], grid], dim=1) if P else grid)
-        k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, n, d)
+        k, v = self.kv(x).unflatten(-1, (2, h, -1)).permute(2, 0, 3, 1, 4)  # 2 x (B, h, n, d)
         if self.fused:
             drop = self.attn_drop.p if self.training else 0.
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
@@ -439,7 +442,8 @@ class VanillaLinearAttention(nn.Module):
         _check_tokens(x, H, W, self.num_prefix_tokens, self.dim)
         B, N, C = x.shape
         k, v = self.kv(x).chunk(2, dim=-1)
-        q, k, v = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), k, v))
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for t in (self.q(x), k, v))
         out = linear_attention(F.relu(q), F.relu(k), v, eps=self.eps, normalizer="sum")
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -475,7 +479,8 @@ class L2ViTLinearAttention(nn.Module):
         _check_tokens(x, H, W, P, self.dim)
         B, N, C = x.shape
         k, v = self.kv(x).chunk(2, dim=-1)
-        q, k, v = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), k, v))
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for t in (self.q(x), k, v))
         q, k = F.relu(q), F.relu(k)
         kv = (k.transpose(-2, -1) @ v) * self.temperature                         # (B, h, d, d)
         z = (q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)).clamp_min(100.)  # (B, h, N, 1)
@@ -532,7 +537,7 @@ def attention_map(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int
     k = layer.kv(xk)[..., :C] + layer._positional_encoding(kh, kw)
     scale = F.softplus(layer.scale)
     q, k = focus(q, layer.focusing_factor, scale), focus(k, layer.focusing_factor, scale)
-    q, k = (t.reshape(B, -1, h, C // h).transpose(1, 2) for t in (q, k))
+    q, k = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k))
     A = linear_attention_matrix(q, k, normalizer=layer.normalizer)   # (B, h, N, n)
     if not with_dwc:
         return A
@@ -566,11 +571,11 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
     if layer.sr_ratio > 1:
         x_ = layer.sr(x.permute(0, 2, 1).reshape(B, C, H, W))
         kh, kw = x_.shape[-2:]
-        x_ = layer.norm(x_.reshape(B, C, -1).permute(0, 2, 1))
-        kv = layer.kv(x_).reshape(B, -1, 2, C).permute(2, 0, 1, 3)
+        x_ = layer.norm(x_.reshape(B, C, kh * kw).permute(0, 2, 1))
+        kv = layer.kv(x_).reshape(B, kh * kw, 2, C).permute(2, 0, 1, 3)
     else:
         kh, kw = H, W
-        kv = layer.kv(x).reshape(B, -1, 2, C).permute(2, 0, 1, 3)
+        kv = layer.kv(x).reshape(B, N, 2, C).permute(2, 0, 1, 3)
     k, v = kv[0], kv[1]
     n = k.shape[1]
     k = k + layer._positional_encoding(kh, kw)
@@ -585,9 +590,9 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
     k = k ** p
     q = (q / q.norm(dim=-1, keepdim=True)) * q_norm
     k = (k / k.norm(dim=-1, keepdim=True)) * k_norm
-    q = q.reshape(B, N, h, -1).permute(0, 2, 1, 3)
-    k = k.reshape(B, n, h, -1).permute(0, 2, 1, 3)
-    v = v.reshape(B, n, h, -1).permute(0, 2, 1, 3)
+    q = q.reshape(B, N, h, C // h).permute(0, 2, 1, 3)
+    k = k.reshape(B, n, h, C // h).permute(0, 2, 1, 3)
+    v = v.reshape(B, n, h, C // h).permute(0, 2, 1, 3)
     if normalizer == "mean":
         z = 1 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
         kv = (k.transpose(-2, -1) * (n ** -0.5)) @ (v * (n ** -0.5))
@@ -596,10 +601,10 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
         kv = k.transpose(-2, -1) @ v
     out = q @ kv * z
     if layer.sr_ratio > 1:
-        v = F.interpolate(v.transpose(-2, -1).reshape(B * h, -1, n), size=N, mode="linear")
-        v = v.reshape(B, h, -1, N).transpose(-2, -1)
+        v = F.interpolate(v.transpose(-2, -1).reshape(B * h, C // h, n), size=N, mode="linear")
+        v = v.reshape(B, h, C // h, N).transpose(-2, -1)
     out = out.transpose(1, 2).reshape(B, N, C)
-    v = v[:, :, P:].reshape(B * h, H, W, -1).permute(0, 3, 1, 2)
+    v = v[:, :, P:].reshape(B * h, H, W, C // h).permute(0, 3, 1, 2)
     dwc = layer.dwc(v).reshape(B, C, H * W).permute(0, 2, 1)
     out = torch.cat([out[:, :P], out[:, P:] + dwc], dim=1) if P else out + dwc
     return layer.proj_drop(layer.proj(out))
@@ -819,6 +824,8 @@ class PyramidVisionTransformer(_Classifier):
                 raise ValueError(f"{name} needs 4 entries (one per stage), got {getattr(cfg, name)}")
         if len(cfg.attn_type) != 4:
             raise ValueError(f"attn_type needs 4 letters, got {cfg.attn_type!r}")
+        _check_focusing_factor(cfg.focusing_factor)
+        _check_normalizer(cfg.normalizer)
         self.cfg = cfg
         self.num_features = cfg.embed_dims[-1]
         img_size = _to_2tuple(cfg.img_size, "img_size")
@@ -961,6 +968,8 @@ class VisionTransformer(_Classifier):
         super().__init__()
         if cfg.attn_type not in ("L", "S"):
             raise ValueError(f"attn_type must be 'L' or 'S', got {cfg.attn_type!r}")
+        _check_focusing_factor(cfg.focusing_factor)
+        _check_normalizer(cfg.normalizer)
         self.cfg = cfg
         self.num_features = cfg.embed_dim
         p = cfg.patch_size
@@ -1017,10 +1026,265 @@ class VisionTransformer(_Classifier):
 
 
 # -----------------------------------------------------------------------------
+# FLatten-Swin
+
+
+class WindowAttention(nn.Module):
+    """Swin's softmax attention in w x w windows, with a learned relative position bias.
+
+    forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 or None
+    -> (B * windows, w * w, C). The official operations, in the official order.
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        w = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
+        # index of the table for each (query, key) pair of a window: their offset (dy, dx)
+        yx = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+        offset = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0) + (w - 1)    # (w*w, w*w, 2)
+        self.register_buffer("relative_position_index", offset[..., 0] * (2 * w - 1) + offset[..., 1],
+                             persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)                     # (B_, h, N, N)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(B_ // nw, nw, self.num_heads, N, N) + mask[None, :, None]).view(B_, -1, N, N)
+        out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
+
+
+def _window_mask(Hp: int, Wp: int, H: int, W: int, w: int, shift: int, device) -> torch.Tensor:
+    """The additive mask (windows, w*w, w*w) of a padded, cyclically shifted Hp x Wp grid: -100
+    between tokens of different regions of the shift (Swin's mask) and for padding keys."""
+    region = torch.zeros(Hp, Wp, device=device)
+    if shift:
+        cuts = (slice(0, -w), slice(-w, -shift), slice(-shift, None))
+        for i, (ys, xs) in enumerate((ys, xs) for ys in cuts for xs in cuts):
+            region[ys, xs] = i
+    pad = torch.ones(Hp, Wp, dtype=torch.bool, device=device)
+    pad[:H, :W] = False
+    pad = torch.roll(pad, (-shift, -shift), dims=(0, 1))
+    region, pad = (_windows(t[None, :, :, None], w)[..., 0] for t in (region, pad))
+    mask = (region[:, None, :] != region[:, :, None]) | pad[:, None, :]
+    return torch.zeros(mask.shape, device=device).masked_fill_(mask, -100.)
+
+
+def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, Hp, Wp, C) -> (B * windows, w * w, C), windows row-major."""
+    B, Hp, Wp, C = x.shape
+    x = x.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3)
+    return x.reshape(-1, w * w, C)
+
+
+def _unwindows(x: torch.Tensor, w: int, B: int, Hp: int, Wp: int) -> torch.Tensor:
+    return x.view(B, Hp // w, Wp // w, w, w, -1).transpose(2, 3).reshape(B, Hp, Wp, -1)
+
+
+class SwinBlock(nn.Module):
+    """A Swin block: x + attn(norm1(x)); x + mlp(norm2(x)). attn_type 'L': focused linear
+    attention over the whole H x W grid; 'S': softmax in w x w windows, shifted by w // 2 on odd
+    blocks, the grid padded to a multiple of w (no shift when the grid fits in one window row)."""
+
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], window_size: int,
+                 shifted: bool, mlp_ratio: float, *, attn_type: str, qkv_bias: bool, drop: float,
+                 attn_drop: float, drop_path: float, focusing_factor: float, kernel_size: int,
+                 normalizer: str):
+        super().__init__()
+        self.attn_type, self.window_size, self.shifted = attn_type, window_size, shifted
+        self.norm1 = nn.LayerNorm(dim)
+        if attn_type == "L":
+            self.attn = FocusedLinearAttention(
+                dim, grid_size[0] * grid_size[1], num_heads, qkv_bias, None, attn_drop, drop,
+                focusing_factor=focusing_factor, kernel_size=kernel_size, grid_size=grid_size,
+                normalizer=normalizer)
+        elif attn_type == "S":
+            self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, attn_drop, drop)
+        else:
+            raise ValueError(f"attn_type letters must be 'L' or 'S', got {attn_type!r}")
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self._masks: Dict[tuple, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self.attn_type == "L":
+            x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        else:
+            x = x + self.drop_path(self._window_attention(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+    def _window_attention(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, _, C = x.shape
+        w = self.window_size
+        shift = w // 2 if self.shifted and min(H, W) > w else 0
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+        mask = None
+        if shift or (Hp, Wp) != (H, W):
+            key = (Hp, Wp, H, W, shift, x.device)
+            if key not in self._masks:
+                self._masks[key] = _window_mask(Hp, Wp, H, W, w, shift, x.device)
+            mask = self._masks[key]
+        x = torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x
+        x = _unwindows(self.attn(_windows(x, w), mask.to(x.dtype) if mask is not None else None), w, B, Hp, Wp)
+        x = torch.roll(x, (shift, shift), dims=(1, 2)) if shift else x
+        return x[:, :H, :W].reshape(B, H * W, C)
+
+
+class PatchMerging(nn.Module):
+    """2 x 2 neighbours concatenated (B, H*W, C) -> (B, ceil(H/2) * ceil(W/2), 2C): LayerNorm,
+    then Linear(4C, 2C) without bias. An odd H or W is padded by one row or column of zeros."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int):
+        B, _, C = x.shape
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.flatten(1, 2))), x.shape[1], x.shape[2]
+
+
+class SwinStage(nn.Module):
+    def __init__(self, blocks: List[SwinBlock], downsample: Optional[PatchMerging]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """A Swin Transformer with focused linear ('L') or shifted-window softmax ('S') stages.
+
+    window_size is the window of the softmax stages (timm's meaning: 7, or 12 for FLatten-Swin-B
+    at 384). The official configs name the linear stages' window instead (56 / 96), which at the
+    trained size is the whole stage: here the linear stages are global at every size.
+    """
+    img_size: Union[int, Tuple[int, int]] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: Tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: Tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.
+    attn_type: str = "LLSS"
+    qkv_bias: bool = True
+    drop_rate: float = 0.
+    attn_drop_rate: float = 0.
+    drop_path_rate: float = 0.
+    focusing_factor: float = 3
+    kernel_size: int = 5
+    normalizer: str = "mean"
+
+
+class SwinTransformer(_Classifier):
+    """FLatten-Swin and Swin, with the official state_dict keys (up to the fused qkv of the
+    official focused linear layers, which load_pretrained splits into q and kv).
+
+    Patch embedding 4 x 4 with LayerNorm, four stages joined by PatchMerging, a final LayerNorm,
+    the mean over tokens, head. Runs at any H x W: linear stages resample their positional
+    encodings, window stages pad to a multiple of the window (masks cached per grid size).
+    """
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        n = len(cfg.depths)
+        if len(cfg.num_heads) != n or len(cfg.attn_type) != n:
+            raise ValueError(f"depths, num_heads and attn_type need one entry per stage, got "
+                             f"{cfg.depths}, {cfg.num_heads}, {cfg.attn_type!r}")
+        if not _is_int(cfg.window_size) or cfg.window_size < 1:
+            raise ValueError(f"window_size must be a positive int, got {cfg.window_size!r}")
+        _check_focusing_factor(cfg.focusing_factor)
+        _check_normalizer(cfg.normalizer)
+        self.cfg = cfg
+        self.num_features = cfg.embed_dim * 2 ** (n - 1)
+        p = cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, p, p)
+        grid = self.patch_embed.out_size(*_to_2tuple(cfg.img_size, "img_size"))
+        if min(grid) < 1:
+            raise ValueError(f"img_size {cfg.img_size} is smaller than one {p}x{p} patch")
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            dim = cfg.embed_dim * 2 ** i
+            blocks = [SwinBlock(dim, cfg.num_heads[i], grid, cfg.window_size, j % 2 == 1,
+                                cfg.mlp_ratio, attn_type=cfg.attn_type[i], qkv_bias=cfg.qkv_bias,
+                                drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+                                drop_path=dpr[sum(cfg.depths[:i]) + j],
+                                focusing_factor=cfg.focusing_factor, kernel_size=cfg.kernel_size,
+                                normalizer=cfg.normalizer) for j in range(cfg.depths[i])]
+            self.layers.append(SwinStage(blocks, PatchMerging(dim) if i < n - 1 else None))
+            grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+        self.norm = nn.LayerNorm(self.num_features)
+        self._make_head(cfg.num_classes)
+        self.apply(_init_weights)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Resample every positional encoding to a new input size, permanently, in place."""
+        grid = self.patch_embed.out_size(*_to_2tuple(img_size, "img_size"))
+        if min(grid) < 1:
+            raise ValueError(f"img_size {img_size} is smaller than one patch")
+        for stage in self.layers:
+            for blk in stage.blocks:
+                if blk.attn_type == "L":
+                    blk.attn.set_grid_size(grid)
+            grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+        self.cfg = replace(self.cfg, img_size=img_size)
+
+    def _stages(self, x: torch.Tensor):
+        """Yield each stage's output tokens (B, H*W, C_i), before its PatchMerging, with H, W."""
+        p = self.cfg.patch_size
+        _check_image(x, self.cfg.in_chans, (p, p), type(self).__name__)
+        x, H, W = self.patch_embed(x)
+        x = self.pos_drop(x)
+        for stage in self.layers:
+            for blk in stage.blocks:
+                x = blk(x, H, W)
+            yield x, H, W
+            if stage.downsample is not None:
+                x, H, W = stage.downsample(x, H, W)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The stage outputs before PatchMerging, [(B, C_i, H_i, W_i)], for dense prediction."""
+        return [_image(t, H, W) for t, H, W in self._stages(x)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the last stage's normalised tokens (B, N_4, C_4)."""
+        for x, _, _ in self._stages(x):
+            pass
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
+# -----------------------------------------------------------------------------
 # The models by name: create_model(name, **config overrides)
 
 _PVT_V2_B0 = dict(version=2, embed_dims=(32, 64, 160, 256))
 _PVT_V2 = dict(version=2)
+_SWIN_B = dict(embed_dim=128, num_heads=(4, 8, 16, 32))
 MODELS: Dict[str, Tuple[type, dict]] = {
     "flatten_pvt_tiny": (PVTConfig, dict(depths=(2, 2, 2, 2))),
     "flatten_pvt_small": (PVTConfig, dict(depths=(3, 4, 6, 3))),
@@ -1049,8 +1313,17 @@ MODELS: Dict[str, Tuple[type, dict]] = {
     "deit_tiny": (DeiTConfig, dict(embed_dim=192, num_heads=3, attn_type="S")),
     "deit_small": (DeiTConfig, dict(embed_dim=384, num_heads=6, attn_type="S")),
     "deit_base": (DeiTConfig, dict(embed_dim=768, num_heads=12, attn_type="S")),
+    "flatten_swin_tiny": (SwinConfig, dict(depths=(2, 2, 6, 2))),
+    "flatten_swin_small": (SwinConfig, dict(depths=(2, 2, 18, 2))),
+    "flatten_swin_base": (SwinConfig, dict(_SWIN_B, depths=(2, 2, 18, 2))),
+    "flatten_swin_base_384": (SwinConfig, dict(_SWIN_B, depths=(2, 2, 18, 2), img_size=384,
+                                               window_size=12)),
+    "swin_tiny": (SwinConfig, dict(depths=(2, 2, 6, 2), attn_type="SSSS")),
+    "swin_small": (SwinConfig, dict(depths=(2, 2, 18, 2), attn_type="SSSS")),
+    "swin_base": (SwinConfig, dict(_SWIN_B, depths=(2, 2, 18, 2), attn_type="SSSS")),
 }
-_FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer}
+_FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
+             SwinConfig: SwinTransformer}
 
 
 def list_models(pattern: str = "") -> List[str]:
@@ -1110,7 +1383,8 @@ def _unsafe_globals(path, error: Exception) -> List[str]:
     if zipfile.is_zipfile(path) and hasattr(ser, "get_unsafe_globals_in_checkpoint"):
         return list(ser.get_unsafe_globals_in_checkpoint(path))
     # a legacy (non-zip) file: the loader names the first refused global in its message
-    return re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(error))
+    names = re.findall(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)", str(error))
+    return [n if "." in n else f"builtins.{n}" for n in names]
 
 
 def _stand_ins(names) -> contextlib.AbstractContextManager:
@@ -1201,6 +1475,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     """
     own = model.state_dict()
     out = {}
+    if isinstance(model, SwinTransformer):
+        state_dict = _from_official_swin(state_dict, own)
     head = [k for k in own if k.startswith("head.")]
     if any(k in state_dict and state_dict[k].shape != own[k].shape for k in head) or \
             (not head and any(k.startswith("head.") for k in state_dict)):
@@ -1216,6 +1492,28 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
                 and (key.startswith("pos_embed") or key.endswith("positional_encoding")):
             prefix, new_hw = _table_layout(model, key)
             value = resample_grid(value, _square_grid(value.shape[1] - prefix, key), new_hw, prefix)
+        if target is not None and target.shape != value.shape and value.dim() == 2 \
+                and key.endswith("relative_position_bias_table"):
+            value = resample_grid(value[None], _square_grid(value.shape[0], key),
+                                  _square_grid(target.shape[0], key))[0]
+        out[key] = value
+    return out
+
+
+def _from_official_swin(state_dict: Dict[str, torch.Tensor],
+                        own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The official FLatten-Swin keys -> ours: the buffers relative_position_index and attn_mask
+    are dropped (ours are built from the window size and the input size), and the fused qkv of
+    a focused linear layer is split into its q and kv (rows q, k, v in both)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        stem, _, leaf = key.rpartition(".qkv.")
+        if leaf and f"{stem}.q.{leaf}" in own:
+            C = value.shape[0] // 3
+            out[f"{stem}.q.{leaf}"], out[f"{stem}.kv.{leaf}"] = value[:C], value[C:]
+            continue
         out[key] = value
     return out
 

@@ -128,11 +128,7 @@ def test_file_pickling_code_is_refused_and_nothing_runs(tmp_path, code, fmt):
         assert not marker.exists(), f"{case}: the pickled {code} ran"
 
 
-@pytest.mark.parametrize("fmt", [
-    "zip", pytest.param("legacy", marks=pytest.mark.xfail(
-        strict=True, reason="legacy files: the refused global is not recognised in torch's "
-        "message ('GLOBAL eval ...', 'unsupported GLOBAL posix.system whose module posix is "
-        "blocked'); the error says the file is not a checkpoint instead"))])
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
 @pytest.mark.parametrize("code", list(CODE))
 def test_refusal_names_the_refused_global(tmp_path, code, fmt):
     path, marker = code_checkpoint(tmp_path, code, fmt)

@@ -290,10 +290,7 @@ def test_nothing_printed():
 # An empty batch
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, reason="SoftmaxAttention reshapes (B, N, h, -1), ambiguous at B = 0"))
-    if n in SOFTMAX_FAMILIES else n for n in FAMILIES])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_models_take_an_empty_batch(models_224, name):
     """B = 0 gives (0, num_classes), in training with autograd (and a backward) as in eval;
     the PVTs' forward_intermediates give four empty maps."""
@@ -333,7 +330,6 @@ def test_layer_takes_an_empty_batch(grad):
         assert not bad, f"{case}: non-zero gradients from no samples: {bad}"
 
 
-@pytest.mark.xfail(strict=True, reason="the comparators reshape (B, N, h, -1), ambiguous at B = 0")
 @pytest.mark.parametrize("cls", [fl.SoftmaxAttention, fl.VanillaLinearAttention,
                                  fl.L2ViTLinearAttention], ids=lambda c: c.__name__)
 def test_comparators_take_an_empty_batch(cls):
