@@ -230,7 +230,7 @@ def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def fwdbwd():
         return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
 
-    paths, path_of = None, getattr(layer, "kernel_path", getattr(layer, "forward_path", None))
+    paths, path_of = None, getattr(layer, "forward_path", None)
     if method != "official" and path_of is not None:
         with fast_path(mode or fl.get_fast_path()):
             with torch.no_grad():

@@ -288,7 +288,7 @@ def _is_int(v) -> bool:
 
 
 def _check_focusing_factor(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:  # nan too
         raise ValueError(f"focusing_factor must be a finite number > 0, got {p!r}")
     return float(p)
 
@@ -1808,6 +1808,17 @@ class _DepthwiseConv(torch.autograd.Function):
 #   4. r q KV + DWC(v) is one pass (addcmul) into the spent buffer of the keys.
 
 
+def _focus_in_place(y: torch.Tensor, floor: torch.Tensor, p: float) -> torch.Tensor:
+    """y = z / s + o / s, the clamp not yet applied -> t^p in place; returns c = ||y|| / ||t^p||
+    per token (phi = c t^p, step 2)."""
+    t = y.clamp_min_(floor)
+    m = t.amax(dim=-1, keepdim=True)
+    a = torch.linalg.vector_norm(t.div_(m), dim=-1, keepdim=True).mul_(m)    # ||y||
+    if p != 1:
+        t.pow_(p)
+    return a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True))
+
+
 def _forward_inference(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int):
     B, N, C = x.shape
     h, d, P, p = layer.num_heads, layer.head_dim, layer.num_prefix_tokens, layer.focusing_factor
@@ -1816,34 +1827,26 @@ def _forward_inference(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W
     wq, wk, wv = layer.q.weight, layer.kv.weight[:C], layer.kv.weight[C:]
     bq, bkv = layer.q.bias, layer.kv.bias
     x2 = x.reshape(B * N, C)
-    y = x.new_empty(2, B * N, C)                                     # y of the queries, keys
-    torch.addmm(floor if bq is None else torch.addcmul(floor, bq, inv), x2,
-                (wq * inv[:, None]).t(), out=y[0])
-    bk = floor if bkv is None else torch.addcmul(floor, bkv[:C], inv)
-    pe = layer._positional_encoding(H, W)
-    torch.addcmul(bk, pe.expand(B, N, C), inv, out=y[1].view(B, N, C))
-    torch.addmm(y[1], x2, (wk * inv[:, None]).t(), out=y[1])
+    bias_q = floor if bq is None else torch.addcmul(floor, bq, inv)
+    q = torch.addmm(bias_q, x2, (wq * inv[:, None]).t())            # step 1: (q + o) / s
+    bias_k = floor if bkv is None else torch.addcmul(floor, bkv[:C], inv)
+    k = torch.addcmul(bias_k, layer._positional_encoding(H, W).expand(B, N, C), inv)
+    k = torch.addmm(k.view(B * N, C), x2, (wk * inv[:, None]).t(), out=k.view(B * N, C))
     v = F.linear(x, wv, None if bkv is None else bkv[C:])            # (B, N, C)
-    y.clamp_min_(floor)                                              # step 1
-    m = y.amax(dim=-1, keepdim=True)
-    t = y.div_(m)
-    a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)    # ||y||
-    if p != 1:
-        t.pow_(p)
-    c = a.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True))    # phi = c t^p, step 2
-    t[1].mul_(c[1])
-    q, k = t.view(2, B, N, h, d).transpose(2, 3)                     # (B, h, N, d) views
-    kv = k.transpose(-2, -1) @ v.view(B, N, h, d).transpose(1, 2)    # (B, h, d, d)
+    cq = _focus_in_place(q, floor, p)                                # queries: t^p (step 3)
+    k.mul_(_focus_in_place(k, floor, p))                             # keys: phi = c t^p
+    q, k, vh = (t.view(B, N, h, d).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d) views
+    kv = k.transpose(-2, -1) @ vh                                    # (B, h, d, d)
     eps = 1e-6 * N if layer.normalizer == "mean" else 1e-6
-    eps = c[0].view(B, 1, N).reciprocal_().mul_(eps)                 # step 3
+    eps = cq.view(B, 1, N).reciprocal_().mul_(eps)                   # step 3
     r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
-    torch.matmul(q, kv, out=k)                                       # q KV into k's buffer
+    out = torch.matmul(q, kv, out=k)                                 # q KV into k's buffer
     dwc = layer._dwc(v[:, P:], H, W).view(B, N - P, h, d).transpose(1, 2)
-    torch.addcmul(dwc, k[:, :, P:], r[:, :, P:], out=k[:, :, P:])   # step 4
+    torch.addcmul(dwc, out[:, :, P:], r[:, :, P:], out=out[:, :, P:])   # step 4
     del dwc  # before the projection allocates its output
     if P:
-        k[:, :, :P].mul_(r[:, :, :P])
-    return layer.proj_drop(layer.proj(t[1].view(B, N, C)))
+        out[:, :, :P].mul_(r[:, :, :P])
+    return layer.proj_drop(layer.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
 # -----------------------------------------------------------------------------

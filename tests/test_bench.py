@@ -375,11 +375,11 @@ def test_ours_torch_and_reference_run_with_their_fast_path_set_and_restored(monk
 
 
 def test_the_path_of_ours_is_shown_and_triton_named_as_the_triton_forward(monkeypatch, tmp_path):
-    """The method column names the path FocusedLinearAttention.kernel_path says a forward
+    """The method column names the path FocusedLinearAttention.forward_path says a forward
     takes, whatever its name; "triton" as the Triton forward."""
     path = tmp_path / "r.json"
     for name, shown in (("inference", "[inference]"), ("triton", "[Triton forward]")):
-        monkeypatch.setattr(fl.FocusedLinearAttention, "kernel_path",
+        monkeypatch.setattr(fl.FocusedLinearAttention, "forward_path",
                             lambda self, x, name=name: name, raising=False)
         code, out, _ = run_main(["--methods", "ours", "--json", str(path), *SMALL])
         assert code == 0 and f"focused linear (ours) {shown}" in out, out
