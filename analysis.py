@@ -10,7 +10,7 @@ share its q and k projections:
     softmax                 softmax(q k^T / sqrt(d))                          (N, N) per head
     vanilla linear          ReLU(q) ReLU(k)^T, rows normalised (eps 1e-6)     (N, N) per head
     focused linear          phi_p(q) phi_p(k)^T, rows normalised: attention_map(layer, x, H, W)
-    focused linear + DWC    A + M_c for every channel c of the head: attention_map(..., with_dwc=True)
+    focused linear + DWC    A + M_c for every channel c of a head: attention_map(.., with_dwc=True)
 For each it prints the numerical rank (float64, numpy's tolerance sigma_max * N * eps; min and
 max over heads, and over channels for the DWC map) and the mean row entropy in nats,
 -sum_j a_ij log a_ij; rows are taken as |a_ij| / sum_j |a_ij| (the DWC map has negative entries;
@@ -72,20 +72,21 @@ def _stats(name: str, maps: torch.Tensor) -> MapStats:
 @torch.no_grad()
 def analyse(grid: Tuple[int, int] = (14, 14), num_heads: int = 3, head_dim: int = 64,
             focusing_factor: float = 3, kernel_size: int = 5, seed: int = 0) -> List[MapStats]:
-    """The four maps' rank and entropy for one seeded random input and layer (see the module doc)."""
+    """The four maps' rank and entropy for one seeded random input and layer (module doc)."""
     H, W = grid
     N, C, h = H * W, num_heads * head_dim, num_heads
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        layer = fl.FocusedLinearAttention(C, N, h, qkv_bias=True, focusing_factor=focusing_factor,
-                                          kernel_size=kernel_size, grid_size=(H, W)).double().eval()
+        layer = fl.FocusedLinearAttention(C, N, h, qkv_bias=True, kernel_size=kernel_size,
+                                          focusing_factor=focusing_factor, grid_size=(H, W))
+        layer = layer.double().eval()
         x = torch.randn(1, N, C, dtype=torch.float64)
-    q = layer.q(x).reshape(1, N, h, head_dim).transpose(1, 2)                              # (1, h, N, d)
+    q = layer.q(x).reshape(1, N, h, head_dim).transpose(1, 2)                     # (1, h, N, d)
     k = layer.kv(x)[..., :C].reshape(1, N, h, head_dim).transpose(1, 2)
-    softmax = torch.softmax(q @ k.transpose(-2, -1) * head_dim ** -0.5, dim=-1)           # (1, h, N, N)
+    softmax = torch.softmax(q @ k.transpose(-2, -1) * head_dim ** -0.5, dim=-1)  # (1, h, N, N)
     vanilla = fl.linear_attention_matrix(F.relu(q), F.relu(k), eps=1e-6, normalizer="sum")
-    focused = fl.attention_map(layer, x, H, W)                                             # (1, h, N, N)
-    with_dwc = fl.attention_map(layer, x, H, W, with_dwc=True)                             # (1, h, d, N, N)
+    focused = fl.attention_map(layer, x, H, W)                                    # (1, h, N, N)
+    with_dwc = fl.attention_map(layer, x, H, W, with_dwc=True)                    # (1, h, d, N, N)
     return [_stats("softmax", softmax), _stats("vanilla linear", vanilla),
             _stats("focused linear", focused), _stats("focused linear + DWC", with_dwc)]
 
@@ -100,13 +101,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     H, W = args.grid
-    rows = analyse((H, W), args.heads, args.head_dim, args.focusing_factor, args.kernel_size, args.seed)
-    print(f"attention maps at N = {H * W} tokens ({H}x{W}), {args.heads} heads of d = {args.head_dim}, "
-          f"p = {args.focusing_factor:g}, DWC kernel {args.kernel_size}, seed {args.seed}")
+    rows = analyse((H, W), args.heads, args.head_dim, args.focusing_factor, args.kernel_size,
+                   args.seed)
+    print(f"attention maps at N = {H * W} tokens ({H}x{W}), {args.heads} heads of "
+          f"d = {args.head_dim}, p = {args.focusing_factor:g}, DWC kernel {args.kernel_size}, "
+          f"seed {args.seed}")
     print(f"{'map':<22}{'rank (min-max)':<16}mean row entropy (nats)")
     for r in rows:
         print(f"{r.name:<22}{f'{r.rank}-{r.rank_max}':<16}{r.entropy:.3f}")
-    print(f"(uniform rows: log N = {math.log(H * W):.3f}; rank bound of the linear maps: d = {args.head_dim})")
+    print(f"(uniform rows: log N = {math.log(H * W):.3f}; rank bound of the linear maps: "
+          f"d = {args.head_dim})")
 
 
 if __name__ == "__main__":

@@ -1268,7 +1268,10 @@ def save_outputs(args, rows: dict[Case, Row], facts: dict, interrupted: bool, el
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no kineto start/stop lines on stderr
     for r, patch in itertools.product(args.resolutions, (16, 4)):  # DeiT, then PVT stage 1
         if r % patch:

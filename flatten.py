@@ -467,12 +467,12 @@ class L2ViTLinearAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.temperature = nn.Parameter(torch.full((1, num_heads, 1, 1), (dim // num_heads) ** -0.5))
+        self.temperature = nn.Parameter(torch.full((1, num_heads, 1, 1), (dim // num_heads) ** -.5))
         self.lcm_norm = nn.LayerNorm(dim)
         pad = lcm_kernel // 2
         self.lcm = nn.Sequential(
-            nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim), nn.GELU(), nn.BatchNorm2d(dim),
-            nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim))
+            nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim), nn.GELU(),
+            nn.BatchNorm2d(dim), nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         P = self.num_prefix_tokens
@@ -821,7 +821,8 @@ class PyramidVisionTransformer(_Classifier):
         for name in ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios",
                      "la_sr_ratios"):
             if len(getattr(cfg, name)) != 4:
-                raise ValueError(f"{name} needs 4 entries (one per stage), got {getattr(cfg, name)}")
+                raise ValueError(f"{name} needs 4 entries (one per stage), "
+                                 f"got {getattr(cfg, name)}")
         if len(cfg.attn_type) != 4:
             raise ValueError(f"attn_type needs 4 letters, got {cfg.attn_type!r}")
         _check_focusing_factor(cfg.focusing_factor)
@@ -918,9 +919,9 @@ class PyramidVisionTransformer(_Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the last stage's tokens (B, N_4, C_4)."""
-        for x, _, _ in self._stages(x):
+        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
             pass
-        return x
+        return tokens
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=1)
@@ -1047,8 +1048,8 @@ class WindowAttention(nn.Module):
         # index of the table for each (query, key) pair of a window: their offset (dy, dx)
         yx = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
         offset = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0) + (w - 1)    # (w*w, w*w, 2)
-        self.register_buffer("relative_position_index", offset[..., 0] * (2 * w - 1) + offset[..., 1],
-                             persistent=False)
+        index = offset[..., 0] * (2 * w - 1) + offset[..., 1]
+        self.register_buffer("relative_position_index", index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -1057,13 +1058,14 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         attn = (q * self.scale) @ k.transpose(-2, -1)                     # (B_, h, N, N)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
-            attn = (attn.view(B_ // nw, nw, self.num_heads, N, N) + mask[None, :, None]).view(B_, -1, N, N)
+            attn = attn.view(B_ // nw, nw, self.num_heads, N, N) + mask[None, :, None]
+            attn = attn.view(B_, -1, N, N)
         out = self.attn_drop(attn.softmax(dim=-1)) @ v
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
 
@@ -1141,7 +1143,8 @@ class SwinBlock(nn.Module):
                 self._masks[key] = _window_mask(Hp, Wp, H, W, w, shift, x.device)
             mask = self._masks[key]
         x = torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x
-        x = _unwindows(self.attn(_windows(x, w), mask.to(x.dtype) if mask is not None else None), w, B, Hp, Wp)
+        mask = None if mask is None else mask.to(x.dtype)
+        x = _unwindows(self.attn(_windows(x, w), mask), w, B, Hp, Wp)
         x = torch.roll(x, (shift, shift), dims=(1, 2)) if shift else x
         return x[:, :H, :W].reshape(B, H * W, C)
 
@@ -1270,9 +1273,9 @@ class SwinTransformer(_Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the last stage's normalised tokens (B, N_4, C_4)."""
-        for x, _, _ in self._stages(x):
+        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
             pass
-        return self.norm(x)
+        return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=1)
@@ -1881,7 +1884,8 @@ def _triton_key(layer: FocusedLinearAttention, x: torch.Tensor) -> tuple:
 
 def _triton_applies(layer: FocusedLinearAttention, x: torch.Tensor) -> bool:
     return (triton is not None and _on_cuda(x) and layer.head_dim <= _TRITON_MAX_HEAD_DIM
-            and x.dtype in (torch.float32,) + _HALF and _triton_key(layer, x) not in _triton_failures)
+            and x.dtype in (torch.float32, *_HALF)
+            and _triton_key(layer, x) not in _triton_failures)
 
 
 class _TritonFailure(RuntimeError):
@@ -1892,7 +1896,8 @@ def _triton_failed(key: tuple, error: Exception) -> None:
     _triton_failures.add(key)
     warnings.warn(f"flatten.py: the Triton kernels failed ({type(error).__name__}: {error}); "
                   "this configuration uses the torch path from now on. To skip the kernels: "
-                  "flatten.set_fast_path('torch') or FLATTEN_FAST_PATH=torch", RuntimeWarning)
+                  "flatten.set_fast_path('torch') or FLATTEN_FAST_PATH=torch", RuntimeWarning,
+                  stacklevel=4)
 
 
 if triton is not None:
@@ -1907,15 +1912,16 @@ if triton is not None:
             r = t * t * t
         elif P_INT == 4:
             r = (t * t) * (t * t)
-        else:  # 0 stays 0 (masked entries; a clamp to the tiny number would give tiny^p, large for p < 1)
+        else:  # 0 stays 0 (masked entries; the tiny number's tiny^p is large for p < 1)
             r = tl.where(t > 0, tl.exp2(p * tl.log2(tl.maximum(t, 1.1754944e-38))), 0.0)
         return r
 
     @triton.jit
     def _tl_focus_y(z_ptr, row_stride, rows, pe_ptr, pe_rows, s, c, mask, offset, C,
                     HAS_PE: tl.constexpr):
-        # y = (ReLU(z + pe) + offset) / s of a (BLOCK_N, D_PAD) tile (0 where masked); s is 1 / scale
-        z = tl.load(z_ptr + rows[:, None] * row_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        # y = (ReLU(z + pe) + offset) * s of a (BLOCK_N, D_PAD) tile, s = 1 / scale (0 masked)
+        z = tl.load(z_ptr + rows[:, None] * row_stride + c[None, :], mask=mask, other=0.0)
+        z = z.to(tl.float32)
         if HAS_PE:
             z += tl.load(pe_ptr + pe_rows[:, None] * C + c[None, :], mask=mask, other=0.0)
         return tl.where(mask, (tl.maximum(z, 0.0) + offset) * s[None, :], 0.0)
@@ -1924,7 +1930,7 @@ if triton is not None:
     def _tl_focus_stats(z_ptr, row_stride, rows, rmask, pe_ptr, pe_rows, inv_s_ptr, offset, p, C,
                         H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, HAS_PE: tl.constexpr,
                         P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
-        # per token, over all C channels: m = max(y), ||t|| and ||t^p|| for t = y / m (masked rows: 1)
+        # per token, over all C channels: m = max(y), ||t||, ||t^p|| for t = y / m (masked rows: 1)
         cols = tl.arange(0, D_PAD)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
@@ -1940,7 +1946,8 @@ if triton is not None:
         for hh in range(H):
             c = hh * D + cols
             s = tl.load(inv_s_ptr + c, mask=cmask, other=0.0)
-            t = _tl_focus_y(z_ptr, row_stride, rows, pe_ptr, pe_rows, s, c, mask, offset, C, HAS_PE) / m[:, None]
+            t = _tl_focus_y(z_ptr, row_stride, rows, pe_ptr, pe_rows, s, c, mask, offset, C,
+                            HAS_PE) / m[:, None]
             tp = _tl_power(t, p, P_INT)
             sum_t2 += tl.sum(t * t, axis=1)
             sum_tp2 += tl.sum(tp * tp, axis=1)
@@ -1951,7 +1958,8 @@ if triton is not None:
                              n, chunk, offset, p, C, H: tl.constexpr, D: tl.constexpr,
                              D_PAD: tl.constexpr, P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
         # program (b, chunk, head): sum over the chunk's key tokens of phi_p(k)^T v and of phi_p(k)
-        b, ch, hh = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit offsets
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets
+        ch, hh = tl.program_id(1), tl.program_id(2)
         cols = tl.arange(0, D_PAD)
         cmask = cols < D
         c = hh * D + cols
@@ -1963,11 +1971,14 @@ if triton is not None:
             rmask = tok < n
             rows = b * n + tok
             mask = rmask[:, None] & cmask[None, :]
-            m, norm_t, norm_tp = _tl_focus_stats(k_ptr, row_stride, rows, rmask, pe_ptr, tok, inv_s_ptr,
+            m, norm_t, norm_tp = _tl_focus_stats(k_ptr, row_stride, rows, rmask, pe_ptr, tok,
+                                                 inv_s_ptr,
                                                  offset, p, C, H, D, D_PAD, True, P_INT, BLOCK_N)
-            t = _tl_focus_y(k_ptr, row_stride, rows, pe_ptr, tok, s, c, mask, offset, C, True) / m[:, None]
+            t = _tl_focus_y(k_ptr, row_stride, rows, pe_ptr, tok, s, c, mask, offset, C, True)
+            t = t / m[:, None]
             phi = _tl_power(t, p, P_INT) * (norm_t * m / norm_tp)[:, None]   # ||y|| t^p / ||t^p||
-            v = tl.load(v_ptr + rows[:, None] * row_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + rows[:, None] * row_stride + c[None, :], mask=mask, other=0.0)
+            v = v.to(tl.float32)
             kv += tl.dot(tl.trans(phi), v, input_precision="ieee")
             ks += tl.sum(phi, axis=0)
         base = (b * tl.num_programs(1) + ch) * H + hh
@@ -1991,8 +2002,8 @@ if triton is not None:
         m, norm_t, norm_tp = _tl_focus_stats(q_ptr, C, rows, rmask, inv_s_ptr, tok, inv_s_ptr,
                                              offset, p, C, H, D, D_PAD, False, P_INT, BLOCK_N)
         s = tl.load(inv_s_ptr + c, mask=cmask, other=0.0)
-        tp = _tl_power(_tl_focus_y(q_ptr, C, rows, inv_s_ptr, tok, s, c, mask, offset, C, False) / m[:, None],
-                       p, P_INT)
+        y = _tl_focus_y(q_ptr, C, rows, inv_s_ptr, tok, s, c, mask, offset, C, False)
+        tp = _tl_power(y / m[:, None], p, P_INT)
         kv = tl.load(kv_ptr + (b * H + hh) * D_PAD * D_PAD + cols[:, None] * D_PAD + cols[None, :])
         ks = tl.load(ks_ptr + (b * H + hh) * D_PAD + cols)
         den = tl.sum(tp * ks[None, :], axis=1) + eps * norm_tp / (norm_t * m)   # eps / c
@@ -2013,7 +2024,8 @@ if triton is not None:
                 acc += vv * w[None, :]
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
         out += tl.where(in_grid[:, None], acc + bias[None, :], 0.0)
-        tl.store(out_ptr + rows[:, None] * C + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * C + c[None, :], out, mask=mask)
 
 
 def _forward_triton(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int):
@@ -2053,7 +2065,8 @@ def _forward_triton(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: i
             kv, ks = kv.sum(dim=1), ks.sum(dim=1)           # (B, h, d_pad, d_pad), (B, h, d_pad)
             _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
                 q, v_grid, v_stride, inv_s, kv, ks, weight, bias, out,
-                N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, layer.kernel_size, p_int, bn, num_warps=warps)
+                N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, layer.kernel_size, p_int, bn,
+                num_warps=warps)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - compile, PTX assembly or launch failures

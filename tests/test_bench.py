@@ -720,10 +720,9 @@ def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
         layer.fused = False
     H, W = grid
     x = torch.randn(B, prefix + H * W, C)
-    if method == "official":
-        fn = lambda: fl.official_forward(layer, x, H, W)
-    else:
-        fn = lambda: layer(x, H, W)
+    def fn():
+        return fl.official_forward(layer, x, H, W) if method == "official" else layer(x, H, W)
+
     want = bench.layer_macs(method, B, prefix + H * W, C, heads, H * W)
     got = counted_macs(fn)
     assert got == want, f"{method} B={B} C={C} heads={heads} grid={grid}: {got} != {want}"
