@@ -1,0 +1,130 @@
+"""Installing the package: `pip install` of the repository into a fresh virtual environment (which
+sees the installed torch through --system-site-packages: nothing is downloaded), then imported
+and run from another directory; and flatten.py copied alone into an empty directory.
+
+pip builds in the source tree (build/, *.egg-info), so the install is made from a copy of the
+repository without its tests and caches: the working tree is left as it was.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from common import ROOT
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 180
+
+# runs the model the way a user would, then prints where flatten came from
+SMOKE = """
+import flatten, torch
+m = flatten.create_model("flatten_pvt_tiny", depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64))
+with torch.no_grad():
+    out = m.eval()(torch.randn(1, 3, 64, 64))
+assert out.shape == (1, 1000) and torch.isfinite(out).all(), f"logits {tuple(out.shape)}"
+print(flatten.__file__)
+"""
+
+
+def run(args, cwd, what, env=None, skip_on_failure=False):
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTHONPATH", None)                     # only what the interpreter itself finds
+    p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+    if p.returncode != 0:
+        message = f"{what}: exit code {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        if skip_on_failure:
+            pytest.skip(message)
+        pytest.fail(message)
+    return p.stdout
+
+
+def make_venv(path: Path) -> Path:
+    """A venv that sees the system site-packages (torch, setuptools, pip); pip is borrowed from
+    there when it is installed, else the venv gets its own bundled copy (offline)."""
+    py = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", path],
+        path.parent, "python -m venv is not available", skip_on_failure=True)
+    if subprocess.run([py, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        shutil.rmtree(path)
+        run([sys.executable, "-m", "venv", "--system-site-packages", path], path.parent,
+            "neither pip nor ensurepip is available to a venv", skip_on_failure=True)
+    run([py, "-c", "import setuptools"], path.parent,
+        "setuptools (the build backend) is not importable in the venv, and a build without it "
+        "would need the network", skip_on_failure=True)
+    return py
+
+
+def repository_copy(dest: Path) -> Path:
+    """The repository without .git, tests, results and build or cache folders."""
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", "tests", "results", "build", "dist", "*.egg-info", "__pycache__", ".*cache",
+        ".hypothesis", ".venv", "venv"))
+    return dest
+
+
+def test_pip_install_into_a_fresh_venv(tmp_path):
+    py = make_venv(tmp_path / "venv")
+    src = repository_copy(tmp_path / "src")
+    run([py, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", src], tmp_path, "pip install of the repository")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    purelib = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       work, "the venv's site-packages").strip())
+    case = "[pip install into a venv, import from another directory]"
+    where = Path(run([py, "-c", SMOKE], work, f"{case} the model on 1x3x64x64").strip())
+    assert where.parent.resolve() == purelib.resolve(), \
+        f"{case}: flatten imported from {where}, not the venv's site-packages {purelib}"
+    meta = run([py, "-c", textwrap.dedent("""
+        import importlib.metadata as md
+        dist = md.distribution("flatten-transformer")
+        print(dist.locate_file(""))
+        for req in dist.requires or []:
+            print(req)
+        """)], work, f"{case} the installed metadata").strip().splitlines()
+    assert Path(meta[0]).resolve() == purelib.resolve(), \
+        f"{case}: the distribution's metadata is in {meta[0]}, not {purelib}"
+    required = [r for r in meta[1:] if "extra ==" not in r]
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in required]
+    assert names == ["torch"], \
+        f"{case}: required dependencies {required}, expected torch only (all: {meta[1:]})"
+
+
+# imports flatten with every import flatten.py makes itself restricted to the standard library
+# and torch (any other, e.g. the optional triton, fails as if it were not installed)
+ALONE = """
+import importlib.abc, os, sys
+
+class StandardLibraryAndTorchOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith("<frozen"):
+            frame = frame.f_back
+        top = name.partition(".")[0]
+        if frame is not None and os.path.basename(frame.f_code.co_filename) == "flatten.py" \\
+                and top not in sys.stdlib_module_names and top != "torch":
+            raise ImportError(f"{name} is neither the standard library nor torch")
+        return None
+
+sys.meta_path.insert(0, StandardLibraryAndTorchOnly())
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names needs 3.10")
+def test_flatten_py_alone_needs_only_torch(tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ROOT / "flatten.py", alone)
+    case = "[flatten.py copied alone into an empty directory]"
+    where = Path(run([sys.executable, "-c", ALONE + SMOKE], alone,
+                     f"{case} import with the standard library and torch only, the model on "
+                     "1x3x64x64").strip())
+    assert where.resolve() == (alone / "flatten.py").resolve(), \
+        f"{case}: flatten imported from {where}, not the copy"
