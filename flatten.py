@@ -960,7 +960,9 @@ class VisionTransformer(_Classifier):
     attention; the class token takes part in the attention as a query and as a key (with its
     own row of the layer's positional_encoding), and the DWC runs over the patch-token grid only
     (the class token's output has no DWC term), as in the lab's sibling methods. The classifier
-    reads the normalised class token. All position tables are resampled to the input size.
+    reads the normalised class token, so in classification the last block's DWC, which acts on
+    the patch tokens only, gets an all-zero gradient (dense prediction on forward_features
+    trains it). All position tables are resampled to the input size.
     """
 
     num_prefix_tokens = 1

@@ -142,9 +142,7 @@ def test_fixture_pins_every_part(fixture, monkeypatch, what, mutate, moved):
 # 2. The official manifests: keys, shapes, parameter counts, GMACs
 
 SWIN_MANIFESTS = ["tiny", "small", "base", "base_384"]
-# in their own folder: their state_dict is a list of (key, shape, dtype), not the format of the
-# PVT manifests that test_official.py reads from tests/data/manifest_*.json
-MANIFEST_DIR = DATA / "swin"
+MANIFEST_DIR = DATA  # their state_dict is a list of (key, shape, dtype), unlike the PVT ones
 
 
 @pytest.fixture
