@@ -1141,9 +1141,11 @@ class SwinBlock(nn.Module):
         mask = None
         if shift or (Hp, Wp) != (H, W):
             key = (Hp, Wp, H, W, shift, x.device)
-            if key not in self._masks:
-                self._masks[key] = _window_mask(Hp, Wp, H, W, w, shift, x.device)
-            mask = self._masks[key]
+            mask = self._masks.get(key)
+            if mask is None:
+                mask = _window_mask(Hp, Wp, H, W, w, shift, x.device)
+                if not _is_compiling() and type(mask) is torch.Tensor:  # not a tracer's tensor
+                    self._masks[key] = mask
         x = torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x
         mask = None if mask is None else mask.to(x.dtype)
         x = _unwindows(self.attn(_windows(x, w), mask), w, B, Hp, Wp)

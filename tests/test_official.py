@@ -142,11 +142,12 @@ def micro_model(version, normalizer="mean"):
     return m.eval(), d
 
 
+@pytest.mark.parametrize("mode", ["auto", "off"], ids=["fast-paths", "reference"])
 @pytest.mark.parametrize("version", [1, 2])
-def test_pvt_matches_official_fixture(version):
+def test_pvt_matches_official_fixture(version, mode):
     m, d = micro_model(version)
-    case = f"[PVT v{version} micro fixture, input {tuple(d['input'].shape)}]"
-    with torch.no_grad():
+    case = f"[PVT v{version} micro fixture, input {tuple(d['input'].shape)}, {mode}]"
+    with torch.no_grad(), fast_path(mode):
         assert_close(m(d["input"]), d["output"], f"{case} logits")
         assert_close(m.forward_features(d["input"]).mean(1), d["forward_features"],
                      f"{case} pooled")

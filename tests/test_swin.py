@@ -374,6 +374,26 @@ def test_masks_are_cached_per_grid_size(monkeypatch):
         f"[window 7 not shifted, dim 8, grid 14x14] a mask was built: {list(regular._masks)}"
 
 
+def test_a_traced_forward_caches_no_mask():
+    """A forward under FakeTensorMode (what a FLOP count on fake tensors runs) or under
+    torch.compile builds its masks inside the trace: none may land in the cache, or the next
+    real forward would compute with a fake mask."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    blk = make_window_block(8, 2, 7, True, seed=0)
+    x = seeded(1, 130, 8, seed=5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = blk(x, 10, 13)
+    blk._masks.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        blk(torch.empty(1, 130, 8, dtype=torch.float64), 10, 13)
+    assert not blk._masks, "[window 7 shifted, grid 10x13] a fake-mode forward cached a mask"
+    with torch.no_grad():
+        out = torch.compile(blk, backend="aot_eager", fullgraph=True)(x, 10, 13)
+        assert not blk._masks, "[window 7 shifted, grid 10x13] a compiled forward cached a mask"
+        assert_close(blk(x, 10, 13), ref, "[window 7 shifted, grid 10x13] after fake mode")
+    assert_close(out, ref, "[window 7 shifted, grid 10x13] compiled")
+
+
 def test_mask_equals_official_buffer(fixture):
     """At the micro config's construction size stage 3 is 14 x 14 with window 7, shift 3: the
     mask built and cached by the shifted block equals the official attn_mask buffer, and every
