@@ -29,6 +29,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -963,6 +964,7 @@ def write_plot(path: str, rows: dict[Case, Row], facts: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     layer_rows = [r for r in rows.values() if r.case.section == "layers"]
     shapes = list(dict.fromkeys(r.case.group for r in layer_rows))
     if not shapes:
@@ -979,8 +981,13 @@ def write_plot(path: str, rows: dict[Case, Row], facts: dict) -> None:
                     ax_t.plot([n for n, _ in pts], [m.median_s * 1e3 for _, m in pts], style, **kw)
                 if mem := [(n, m.peak_bytes / 2 ** 20) for n, m in pts if m.peak_bytes]:
                     ax_m.plot([n for n, _ in mem], [v for _, v in mem], style, **kw)
+        tokens = sorted({r.tokens for r in sel})
         for ax, ylabel in ((ax_t, "ms per call (median)"), (ax_m, "peak MiB above baseline")):
             ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
+            ax.set_xticks(tokens, [f"{n:,}" for n in tokens])  # the measured token counts
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(SHAPES[shape_name].title, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
@@ -1149,7 +1156,8 @@ def header_facts(args, device: torch.device) -> dict:
             "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
             "torch": torch.__version__, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "batch_size": args.batch_size, "python": platform.python_version(),
-            "platform": platform.platform(terse=True),
+            "platform": platform.platform(terse=True), "flatten_commit": _commit(),
+            "triton": getattr(fl.triton, "__version__", None),
             "timer": "CUDA events" if cuda else "time.perf_counter",
             "memory": "torch.cuda.max_memory_allocated" if cuda
             else "torch.profiler allocation events (profile_memory=True)",
@@ -1159,6 +1167,19 @@ def header_facts(args, device: torch.device) -> dict:
             "time_budget_s": args.time_budget, "seed": args.seed, "cpus": args.cpus,
             "load_average_1min": args.load, "threads_note": args.threads_note,
             "noise_threshold": NOISE_THRESHOLD, "baseline": args.baseline}
+
+
+def _commit() -> str | None:
+    """The git commit of flatten.py's folder (with "+changes" when it differs), or None."""
+    here = os.path.dirname(os.path.abspath(fl.__file__))
+    try:
+        run = [subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)
+               for a in (["rev-parse", "HEAD"], ["status", "--porcelain", "--", "flatten.py"])]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if run[0].returncode:
+        return None
+    return run[0].stdout.strip() + ("+changes" if run[1].stdout.strip() else "")
 
 
 def _cpu_name() -> str:

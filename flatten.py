@@ -8,8 +8,8 @@ torch and the Python standard library only: copy this file into your project. To
      module FocusedLinearAttention, whose forward reads like the paper;
   2. comparators and explicit references: softmax, vanilla linear and L2ViT attention, the
      N x N matrices, and official_forward (the official code's formulation, op by op);
-  3. the backbones: FLatten-PVT, FLatten-PVTv2 and FLatten-DeiT with their softmax
-     counterparts; create_model and list_models;
+  3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT and FLatten-Swin with their
+     softmax counterparts; create_model and list_models;
   4. checkpoint loading (load_pretrained) of the released official files;
   5. fast paths (optional reading): faster ways to the same function, behind one switch
      (set_fast_path), tested equal to the reference.
