@@ -197,11 +197,11 @@ class FocusedLinearAttention(nn.Module):
         out = torch.cat([out[:, :P], out[:, P:] + dwc], dim=1) if P else out + dwc
         return self.proj_drop(self.proj(out))
 
-    def _dwc(self, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def _dwc(self, v: torch.Tensor, H: int, W: int, conv=F.conv2d) -> torch.Tensor:
         """DWC(v): the depthwise k x k convolution of the raw values over the H x W grid, one
         kernel shared by the heads. v (B, n, C) -> (B, H*W, C). With n != H*W (sr_ratio > 1) v is
         first brought back to H*W tokens by 1-D linear interpolation along the flattened token
-        axis, as in the official code (not in 2-D)."""
+        axis, as in the official code (not in 2-D). (The training path passes its own conv.)"""
         if v.shape[1] != H * W:
             v = F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False)
             v = v.transpose(1, 2)
@@ -209,8 +209,7 @@ class FocusedLinearAttention(nn.Module):
         image = _image(v, H, W)                                  # (B, C, H, W)
         weight = self.dwc.weight.repeat(h, 1, 1, 1).to(v.dtype)  # (C, 1, k, k): head-major C
         bias = self.dwc.bias.repeat(h).to(v.dtype)
-        out = F.conv2d(image, weight, bias, padding=self.kernel_size // 2, groups=self.dim)
-        return _tokens(out)
+        return _tokens(conv(image, weight, bias, padding=self.kernel_size // 2, groups=self.dim))
 
     def key_grid(self, H: int, W: int) -> Tuple[int, int]:
         """The grid of key tokens for a query grid H x W (smaller by sr_ratio, floored)."""
@@ -237,10 +236,8 @@ class FocusedLinearAttention(nn.Module):
         new = self.key_grid(*grid_size)
         if min(new) < 1:
             raise ValueError(f"grid {grid_size} leaves no key tokens at sr_ratio={self.sr_ratio}")
-        with torch.no_grad():
-            self.positional_encoding.data = resample_grid(
-                self.positional_encoding, self.key_grid(*self.grid_size), new,
-                self.num_prefix_tokens).clone()
+        _resample_parameter(self.positional_encoding, self.key_grid(*self.grid_size), new,
+                            self.num_prefix_tokens)
         self.grid_size = grid_size
 
     def _check_input(self, x: torch.Tensor, H: int, W: int) -> Tuple[int, int, int]:
@@ -1655,18 +1652,8 @@ def _forward_train(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: in
     with _autocast_off(x.device.type):
         out = _LinearAttention.apply(q, k, vh.to(dt), eps).to(v.dtype)   # (B, h, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)
-    vg = v[:, P:]
-    if vg.shape[1] != H * W:
-        vg = F.interpolate(vg.transpose(1, 2), size=H * W, mode="linear", align_corners=False)
-        vg = vg.transpose(1, 2)
-    image = _image(vg, H, W)
-    weight = layer.dwc.weight.repeat(h, 1, 1, 1).to(v.dtype)
-    bias = layer.dwc.bias.repeat(h).to(v.dtype)
-    if x.device.type == "cpu" and not _autocast_enabled("cpu"):
-        dwc = _DepthwiseConv.apply(image, weight, bias, layer.kernel_size // 2)
-    else:
-        dwc = F.conv2d(image, weight, bias, padding=layer.kernel_size // 2, groups=C)
-    dwc = _tokens(dwc)
+    cpu = x.device.type == "cpu" and not _autocast_enabled("cpu")
+    dwc = layer._dwc(v[:, P:], H, W, _depthwise_conv if cpu else F.conv2d)
     out = torch.cat([out[:, :P], out[:, P:] + dwc], dim=1) if P else out + dwc
     return layer.proj_drop(layer.proj(out))
 
@@ -1766,6 +1753,11 @@ class _LinearAttention(torch.autograd.Function):
         gk = (v @ gkv.transpose(-2, -1)).add_(gks.unsqueeze(-2))
         gv = k @ gkv
         return gq, gk, gv, None
+
+
+def _depthwise_conv(x, weight, bias, padding: int, groups: int):
+    """F.conv2d of a depthwise convolution (groups = channels), through _DepthwiseConv."""
+    return _DepthwiseConv.apply(x, weight, bias, padding)
 
 
 class _DepthwiseConv(torch.autograd.Function):
