@@ -1691,7 +1691,7 @@ class _Focus(torch.autograd.Function):
         b = torch.linalg.vector_norm(P, dim=-1, keepdim=True).clamp_min_(tiny)
         ctx.save_for_backward(positive, s, t, m, a, b)
         ctx.p, ctx.offset, ctx.x_dtype = p, offset, x.dtype
-        return P * (a / b)
+        return P.mul_(a / b) if p != 1 else P * (a / b)   # t (P at p = 1) is saved
 
     @staticmethod
     @_once_differentiable
@@ -1729,7 +1729,9 @@ class _LinearAttention(torch.autograd.Function):
         dL/dq   = r G + dL/dden ks^T,    dL/dKV = q^T (r g),   dL/dks = q^T dL/dden
         dL/dk   = v dL/dKV^T + 1 dL/dks^T,    dL/dv = k dL/dKV
     Saves q, k, v (which the caller holds anyway) and the small KV, ks, r, where autograd
-    through the formula also keeps q KV and the normaliser's intermediates.
+    through the formula also keeps q KV and the normaliser's intermediates. The output and the
+    gradients take the memory layout of the heads they belong to (strided views of (B, N, C)
+    tensors), so that merging the heads back costs no copy.
     """
 
     @staticmethod
@@ -1738,20 +1740,23 @@ class _LinearAttention(torch.autograd.Function):
         ks = k.sum(dim=-2)                                              # (B, h, d)
         r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_().unsqueeze(-1)
         ctx.save_for_backward(q, k, v, kv, ks, r)
-        return (q @ kv).mul_(r)                                         # (B, h, N, dv)
+        B, h, N, _ = q.shape
+        out = q.new_empty(B, N, h, v.shape[-1]).transpose(1, 2)          # heads merge for free
+        return torch.matmul(q, kv, out=out).mul_(r)                     # (B, h, N, dv)
 
     @staticmethod
     @_once_differentiable
     def backward(ctx, g):
         q, k, v, kv, ks, r = ctx.saved_tensors
         g = g.to(q.dtype)
-        G = g @ kv.transpose(-2, -1)                                    # (B, h, N, d)
+        G = torch.matmul(g, kv.transpose(-2, -1), out=torch.empty_like(q))   # (B, h, N, d)
         gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()    # (B, h, N, 1)
         gq = G.mul_(r).addcmul_(gden, ks.unsqueeze(-2))
         gkv = q.transpose(-2, -1) @ (g * r)                             # (B, h, d, dv)
         gks = torch.einsum("bhnd,bhn->bhd", q, gden.squeeze(-1))
-        gk = (v @ gkv.transpose(-2, -1)).add_(gks.unsqueeze(-2))
-        gv = k @ gkv
+        gk = torch.matmul(v, gkv.transpose(-2, -1), out=torch.empty_like(k))
+        gk.add_(gks.unsqueeze(-2))
+        gv = torch.matmul(k, gkv, out=torch.empty_like(v))
         return gq, gk, gv, None
 
 
