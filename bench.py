@@ -6,17 +6,15 @@ Usage:
     python bench.py --sections layers --shapes pvt --methods sdpa ours official --details
     python bench.py --sections layers --methods ours baseline --baseline /tmp/flatten_old.py
     python bench.py --time-budget 0 --cell-budget 0  # measure every cell, however long
-    python bench.py --help
 
-docs/benchmark.md says what is measured and how. The code has three layers: 1. what to run
-(Case, Cell, plan and the calls they time), 2. how to measure one cell (time_call,
-peak_memory, the MAC counts, the budget functions, Measurer), 3. how to render (render,
-to_json, write_csv, write_plot); the command line at the end ties them together.
+docs/benchmark.md says what is measured and how. The code has three layers: 1. what to run,
+2. how to measure one cell, 3. how to render; the command line at the end ties them together.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import gc
@@ -96,30 +94,9 @@ class Case:
         return LAYER_MODES if self.section == "layers" else MODEL_MODES
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One measurement: a case in one mode (forward, forward+backward or training step)."""
-    case: Case
-    mode: str
-
-
-def plan(args) -> list[Cell]:
-    """Every cell in the order they run: resolution first (a time budget cuts the largest),
-    then per layer shape and mode the methods, then per mode the models."""
-    cells = []
-    for r in args.resolutions:
-        if "layers" in args.sections:
-            cells += [Cell(Case("layers", s, m, r), mode)
-                      for s, mode, m in itertools.product(args.shapes, LAYER_MODES, args.methods)]
-        if "models" in args.sections:
-            cells += [Cell(Case("models", n, n, r), mode)
-                      for mode, n in itertools.product(MODEL_MODES, args.models)]
-    return cells
-
-
 @dataclass
 class Row:
-    """What a case's table row shows: its facts and the measurement of each mode."""
+    """What a case's table row shows: its facts and the measurement of each mode (its cells)."""
     case: Case
     label: str
     grid: tuple[int, int] | None = None
@@ -130,31 +107,36 @@ class Row:
     paths: dict[str, str] | None = None  # the path of a FocusedLinearAttention call, per mode
     exactness: dict[str, float] | None = None  # ours against the official formulation
     floor_bytes: dict[str, int] | None = None  # the bytes a call must move at least, per mode
-    cells: dict[str, Measurement] = field(default_factory=dict)
+    cells: dict[str, Measurement] = field(init=False)
 
     def __post_init__(self):
-        self.cells = {mode: self.cells.get(mode) or Measurement() for mode in self.case.modes}
+        self.cells = {mode: Measurement() for mode in self.case.modes}
 
 
-def make_rows(cells: Sequence[Cell], args) -> dict[Case, Row]:
-    """A row per case, before anything runs (so an interrupted run shows them all)."""
-    rows = {}
-    for case in dict.fromkeys(c.case for c in cells):
-        if case.section == "models":
-            rows[case] = Row(case, case.name)
-            continue
-        shape = SHAPES[case.group]
-        grid = shape.grid(case.resolution)
-        G = grid[0] * grid[1]
-        label = METHODS[case.name] + (f" ({os.path.basename(args.baseline)})"
-                                      if case.name == "baseline" else "")
-        macs = layer_macs(case.name, args.batch_size, shape.prefix + G, shape.dim, shape.heads, G)
-        rows[case] = Row(case, label, grid, shape.prefix + G, macs)
-    return rows
+def plan(args) -> dict[Case, Row]:
+    """A row per case in table order, before anything runs (an interrupted run shows them all)."""
+    rows = []
+    for r in args.resolutions:
+        if "layers" in args.sections:
+            rows += [_layer_row(Case("layers", s, m, r), args)
+                     for s, m in itertools.product(args.shapes, args.methods)]
+        if "models" in args.sections:
+            rows += [Row(Case("models", n, n, r), n) for n in args.models]
+    return {row.case: row for row in rows}
+
+
+def _layer_row(case: Case, args) -> Row:
+    shape, method = SHAPES[case.group], case.name
+    grid = shape.grid(case.resolution)
+    G = grid[0] * grid[1]
+    label = METHODS[method] + (f" ({os.path.basename(args.baseline)})"
+                               if method == "baseline" else "")
+    macs = layer_macs(method, args.batch_size, shape.prefix + G, shape.dim, shape.heads, G)
+    return Row(case, label, grid, shape.prefix + G, macs)
 
 
 @contextlib.contextmanager
-def fast_path(mode: str | None):
+def fast_path(mode: str):
     """flatten.set_fast_path(mode) for a block, then the mode it had before."""
     saved = fl.get_fast_path()
     fl.set_fast_path(mode)
@@ -185,23 +167,21 @@ def load_baseline(path: str):
 
 def build_layer(method: str, shape: LayerShape, grid: tuple[int, int], baseline=None):
     """The layer a method runs in, with the shape's dim, heads and class tokens."""
-    C, h, P, G = shape.dim, shape.heads, shape.prefix, grid[0] * grid[1]
+    C, h, G = shape.dim, shape.heads, grid[0] * grid[1]
+    kw = {"qkv_bias": True, "num_prefix_tokens": shape.prefix}
     if method in ("sdpa", "explicit"):
-        return fl.SoftmaxAttention(C, h, qkv_bias=True, fused=method == "sdpa",
-                                   num_prefix_tokens=P)
+        return fl.SoftmaxAttention(C, h, fused=method == "sdpa", **kw)
+    if method == "vanilla":
+        return fl.VanillaLinearAttention(C, h, **kw)
+    if method == "l2vit":
+        return fl.L2ViTLinearAttention(C, h, **kw)
     if method == "baseline":  # ours' weights, drawn first as for ours
         weights = build_layer("ours", shape, grid).state_dict()
-        layer = baseline.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid,
-                                                num_prefix_tokens=P)
+        layer = baseline.FocusedLinearAttention(C, G, h, grid_size=grid, **kw)
         layer.load_state_dict(weights)
         return layer
     if method in FLATTEN_METHODS:
-        return fl.FocusedLinearAttention(C, G, h, qkv_bias=True, grid_size=grid,
-                                         num_prefix_tokens=P)
-    if method == "vanilla":
-        return fl.VanillaLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
-    if method == "l2vit":
-        return fl.L2ViTLinearAttention(C, h, qkv_bias=True, num_prefix_tokens=P)
+        return fl.FocusedLinearAttention(C, G, h, grid_size=grid, **kw)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -231,20 +211,19 @@ def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def fwdbwd():
         return torch.autograd.grad(forward(xg), inputs, grad_out, allow_unused=True)
 
-    paths, path_of = None, getattr(layer, "forward_path", None)
-    if method != "official" and path_of is not None:
+    paths = None
+    if method != "official" and hasattr(layer, "forward_path"):
         with fast_path(mode or fl.get_fast_path()):
             with torch.no_grad():
-                paths = {"fwd": str(path_of(x))}
-            paths["fwdbwd"] = str(path_of(xg))
+                paths = {"fwd": str(layer.forward_path(x))}
+            paths["fwdbwd"] = str(layer.forward_path(xg))
     floor = floor_bytes(layer, x) if method in FLATTEN_METHODS else None
     return {"module": layer, "fwd": fwd, "fwdbwd": fwdbwd, "floor": floor, "paths": paths}
 
 
 def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int,
                         seed: int) -> dict[str, float] | None:
-    """Ours' largest differences from official_forward, parameters ~ N(0, 0.1^2): the output's
-    (absolute) and the gradients' (relative to each gradient's largest entry)."""
+    """Ours' largest differences from official_forward, with parameters ~ N(0, 0.1^2)."""
     ours = layer_calls("ours", shape, grid, device, dtype, batch, seed)
     official = layer_calls("official", shape, grid, device, dtype, batch, seed)
     g = torch.Generator().manual_seed(seed)
@@ -265,8 +244,7 @@ def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int,
 
 
 def first_attention_tokens(model: nn.Module, resolution: int) -> int | None:
-    """Tokens of a model's first attention stage: its patch_embed (DeiT, Swin, ...) or
-    patch_embed1 (PVT) grid, plus its class tokens (num_prefix_tokens)."""
+    """Tokens of a model's first attention stage: its patch embedding's grid, class tokens."""
     for name in ("patch_embed", "patch_embed1"):
         embed = getattr(model, name, None)
         if hasattr(embed, "out_size"):
@@ -344,10 +322,8 @@ class Measurement:
             out.update(median_ms=self.median_s * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
                        iqr_ms=(q3 - q1) * 1e3, min_ms=min(ms), max_ms=max(ms), repeats=len(ms),
                        noisy=self.noisy, times_ms=ms)
-        mib = {k: None if b is None else b / 2 ** 20 for k, b in
-               (("peak_mib", self.peak_bytes), ("estimate_mib", self.estimate_bytes))}
-        return {**out, "peak_mib": mib["peak_mib"], "estimate_s": self.estimate_s,
-                "estimate_mib": mib["estimate_mib"],
+        mib = [None if b is None else b / 2 ** 20 for b in (self.peak_bytes, self.estimate_bytes)]
+        return {**out, "peak_mib": mib[0], "estimate_s": self.estimate_s, "estimate_mib": mib[1],
                 "page_faults_per_call": statistics.mean(self.faults) if self.faults else None}
 
 
@@ -409,10 +385,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device,
 
 def sdpa_backend(names: Sequence[str]) -> str | None:
     """The SDPA backend among a call's aten op names (None if it did not call SDPA)."""
-    found = [n[len("aten::_scaled_dot_product_"):] for n in names
-             if n.startswith("aten::_scaled_dot_product_")]
-    known = [SDPA_BACKENDS[n] for n in found if n in SDPA_BACKENDS]
-    return (known or found or [None])[0]
+    prefix = "aten::_scaled_dot_product_"
+    found = [n[len(prefix):] for n in names if n.startswith(prefix)]
+    return ([SDPA_BACKENDS[n] for n in found if n in SDPA_BACKENDS] or found or [None])[0]
 
 
 def is_oom(err: BaseException) -> bool:
@@ -426,10 +401,14 @@ def free_memory(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(GPU_MEMORY_FRACTION * (free + cached))
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(CPU_MEMORY_FRACTION * int(line.split()[1]) * 1024)
+    line = _proc_line("/proc/meminfo", "MemAvailable:")
+    return None if line is None else int(CPU_MEMORY_FRACTION * int(line.split()[1]) * 1024)
+
+
+def _proc_line(path: str, start: str) -> str | None:
+    """The first line of a /proc file that starts so, or None (no such file or line)."""
+    with contextlib.suppress(OSError), open(path) as f:
+        return next((line for line in f if line.startswith(start)), None)
     return None
 
 
@@ -465,10 +444,8 @@ def floor_bytes(layer: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return {"fwd": 2 * act + params, "fwdbwd": 4 * act + 2 * params}
 
 
-def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_tokens: int,
-               kernel_size: int = KERNEL_SIZE, lcm_kernel: int = LCM_KERNEL) -> int:
-    """Forward multiply-adds of a layer's matmuls and convolutions (N tokens with class
-    tokens, G tokens in the grid of the DWC and LCM)."""
+def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_tokens: int) -> int:
+    """Forward multiply-adds of a layer's matmuls and convolutions (G: the DWC's grid tokens)."""
     B, N, C, G = batch, tokens, dim, grid_tokens
     d = C // heads
     macs = 4 * B * N * C * C                # q (C -> C), kv (C -> 2C), proj (C -> C)
@@ -478,9 +455,9 @@ def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_
         raise ValueError(f"unknown method {method!r}")
     macs += 2 * B * N * C * d + B * N * C   # K^T V and Q (K^T V): N d^2 per head; Q . sum_j K_j
     if method in FLATTEN_METHODS:
-        macs += B * C * G * kernel_size ** 2        # depthwise conv on v
+        macs += B * C * G * KERNEL_SIZE ** 2        # depthwise conv on v
     elif method == "l2vit":
-        macs += 2 * B * C * G * lcm_kernel ** 2     # the LCM's two depthwise convs
+        macs += 2 * B * C * G * LCM_KERNEL ** 2     # the LCM's two depthwise convs
     return macs
 
 
@@ -495,10 +472,10 @@ def layer_memory_estimate(method: str, mode: str, batch: int, tokens: int, dim: 
 
 
 def model_macs(model: nn.Module, batch: int, resolution: int) -> int | None:
-    """Forward multiply-adds of a model by the flop counter on fake tensors (None if they
-    cannot run it); softmax on its explicit path, as the counter misses CPU SDPA."""
+    """Forward multiply-adds of a model by the flop counter on fake tensors (None if it fails)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
+    # softmax on its explicit path: the counter misses CPU SDPA
     fused = [m for m in model.modules() if isinstance(m, fl.SoftmaxAttention) and m.fused]
     p, chans = next(model.parameters()), getattr(getattr(model, "cfg", None), "in_chans", 3)
     try:
@@ -578,9 +555,9 @@ def is_busy(load: float | None, cpus: int) -> bool:
 
 @dataclass
 class Job:
-    """A cell about to be measured: its call, its estimates, the row it fills."""
-    cell: Cell
+    """A cell about to be measured: a row in one mode, its call and its estimates."""
     row: Row
+    mode: str
     fn: Callable[[], object] | None = None  # None: a cell ended before it could run
     est_s: float | None = None
     est_bytes: int | None = None
@@ -588,21 +565,19 @@ class Job:
 
     @property
     def result(self) -> Measurement:
-        return self.row.cells[self.cell.mode]
+        return self.row.cells[self.mode]
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return self.cell.case.group, self.cell.case.name, self.cell.mode
+        return self.row.case.group, self.row.case.name, self.mode
 
 
 class Measurer:
-    """Measures groups of jobs within the budgets: per job warm-up, checks and memory call;
-    then the timed calls in rounds, one per job, in a fresh seeded order each round."""
+    """Measures groups of jobs within the budgets, the timed calls in shuffled rounds."""
 
-    def __init__(self, args, device: torch.device, total: int, log=None):
+    def __init__(self, args, device: torch.device, total: int, log: Callable[[str], None]):
         self.budget = Budget(args.warmup, args.repeats, args.cell_budget, args.time_budget)
-        self.args, self.device, self.total, self.done = args, device, total, 0
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.args, self.device, self.total, self.done, self.log = args, device, total, 0, log
         self.history: dict[tuple, tuple[int, float]] = {}  # Job.key: (MACs, seconds per call)
         self.mem_history: dict[tuple, tuple[int, int]] = {}  # Job.key: (tokens, peak bytes)
         # the first calls of a process pay one-time costs (thread pools, the profiler): here
@@ -625,43 +600,14 @@ class Measurer:
         """When the time budget is used up, mark these rows skipped (before building them)."""
         if self.budget.total_s <= 0 or self.elapsed() < self.budget.total_s:
             return False
-        for job in (Job(Cell(row.case, mode), row) for row in rows for mode in row.case.modes):
-            self._end(job, "skipped", f"--time-budget {self.budget.total_s:g} s used up")
+        for row, mode in ((r, mode) for r in rows for mode in r.case.modes):
+            self._end(Job(row, mode), "skipped", f"--time-budget {self.budget.total_s:g} s used up")
         return True
 
     def run_group(self, jobs: Sequence[Job]) -> None:
-        b, dev = self.budget, self.device
-        free = free_memory(dev)
-        free_what = "half the available RAM" if dev.type == "cpu" else "90% of free GPU memory"
-        active = []
-        for job in jobs:
-            res = job.result
-            res.estimate_s, res.estimate_bytes = job.est_s, job.est_bytes
-            reason, slow = skip_reason(b, self.elapsed(), job.est_s, job.est_bytes, free, free_what)
-            if reason:
-                if slow:  # later resolutions extrapolate from this estimate: they skip too
-                    self._remember(job, job.est_s)
-                self._end(job, "skipped", reason)
-                continue
-            try:  # without warm-up, the first timed call serves for the checks
-                t = (min(time_call(job.fn, dev) for _ in range(b.warmup)) if b.warmup
-                     else self._timed(job))
-                reason = too_slow_reason(b, self.elapsed(), t)
-                if reason and t <= 0.25 * b.cell_s:  # one more look: load comes in bursts
-                    t = min(t, time_call(job.fn, dev))
-                    reason = too_slow_reason(b, self.elapsed(), t)
-                if reason:
-                    res.times_s, res.faults, res.estimate_s = [], [], t
-                    self._remember(job, t)
-                    self._end(job, "skipped", reason)
-                    continue
-                res.peak_bytes, names = peak_memory(job.fn, dev, op_names=job.want_ops)
-                job.row.backend = (job.want_ops and sdpa_backend(names)) or job.row.backend
-            except (RuntimeError, NotImplementedError) as err:  # OOM, an op a dtype lacks
-                self.fail(job, err)
-                continue
-            if not self._finished(job):
-                active.append(job)
+        """Each job's checks, warm-up and memory call; then the timed calls in rounds."""
+        free = free_memory(self.device)
+        active = [job for job in jobs if self._start(job, free) and not self._finished(job)]
         order = random.Random(self.args.seed)  # a fresh order each round: none always follows
         while active:
             for job in order.sample(active, len(active)):
@@ -671,6 +617,31 @@ class Measurer:
                     self.fail(job, err)
                 if job.result.status != "pending" or self._finished(job):
                     active.remove(job)
+
+    def _start(self, job: Job, free: int | None) -> bool:
+        """A job's budget checks, warm-up and memory call: True if it may go on."""
+        b, dev, res = self.budget, self.device, job.result
+        res.estimate_s, res.estimate_bytes = job.est_s, job.est_bytes
+        what = "half the available RAM" if dev.type == "cpu" else "90% of free GPU memory"
+        reason, slow = skip_reason(b, self.elapsed(), job.est_s, job.est_bytes, free, what)
+        if reason:  # later resolutions extrapolate from a time estimate: they skip too
+            return self._skip(job, reason, job.est_s if slow else None)
+        try:  # without warm-up, the first timed call serves for the checks
+            t = (min(time_call(job.fn, dev) for _ in range(b.warmup)) if b.warmup
+                 else self._timed(job))
+            reason = too_slow_reason(b, self.elapsed(), t)
+            if reason and t <= 0.25 * b.cell_s:  # one more look: load comes in bursts
+                t = min(t, time_call(job.fn, dev))
+                reason = too_slow_reason(b, self.elapsed(), t)
+            if reason:
+                res.estimate_s = t
+                return self._skip(job, reason, t)
+            res.peak_bytes, names = peak_memory(job.fn, dev, op_names=job.want_ops)
+            job.row.backend = (job.want_ops and sdpa_backend(names)) or job.row.backend
+        except (RuntimeError, NotImplementedError) as err:  # OOM, an op a dtype lacks
+            self.fail(job, err)
+            return False
+        return True
 
     def _timed(self, job: Job) -> float:
         faults = minor_faults() if self.device.type == "cpu" else None
@@ -691,12 +662,16 @@ class Measurer:
         self._end(job, "ok")
         return True
 
-    def _remember(self, job: Job, seconds: float) -> None:
-        if job.row.macs:
+    def _remember(self, job: Job, seconds: float | None) -> None:
+        if job.row.macs and seconds is not None:
             self.history[job.key] = (job.row.macs, seconds)
 
+    def _skip(self, job: Job, reason: str, seconds: float | None) -> bool:
+        self._remember(job, seconds)
+        self._end(job, "skipped", reason)
+        return False
+
     def fail(self, job: Job, err: BaseException) -> None:
-        job.result.times_s, job.result.faults = [], []
         gc.collect()  # the failed call's tensors, held by the exception's frames
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -706,14 +681,16 @@ class Measurer:
             self._end(job, "error", f"{type(err).__name__}: {_first_line(err)}")
 
     def _end(self, job: Job, status: str, reason: str = "") -> None:
-        res, c = job.result, job.cell.case
+        res, c = job.result, job.row.case
         res.status, res.reason, self.done = status, reason, self.done + 1
         text = f"{status}: {reason}" if reason else status
         if res.ok:
             mem = "" if res.peak_bytes is None else f", peak {_fmt_bytes(res.peak_bytes)}"
             text = f"{res.median_s * 1e3:.3g} ms (median of {len(res.times_s)}{mem})"
+        else:
+            res.times_s, res.faults = [], []
         self.log(f"[{self.done:3d}/{self.total} {self.elapsed():5.0f}s] {c.section} {c.group} "
-                 f"r={c.resolution} N={job.row.tokens} {c.name} {job.cell.mode}: {text}")
+                 f"r={c.resolution} N={job.row.tokens} {c.name} {job.mode}: {text}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -796,9 +773,7 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     """Why cells were not measured: a line per cell, or per reason shared by more than two."""
     cells = [(row, mode, m) for row in rows for mode, m in row.cells.items()
              if not m.ok and m.status != "pending"]
-    counts: dict[tuple[str, str], int] = {}
-    for _, _, m in cells:
-        counts[m.status, m.reason] = counts.get((m.status, m.reason), 0) + 1
+    counts = collections.Counter((m.status, m.reason) for _, _, m in cells)
     notes, done = [], set()
     for row, mode, m in cells:
         why, key = m.status + (f" ({m.reason})" if m.reason else ""), (m.status, m.reason)
@@ -959,29 +934,33 @@ def write_csv(path: str, data: dict) -> None:
                 w.writerow({k: "" if v is None else v for k, v in line.items()})
 
 
-def write_plot(path: str, rows: dict[Case, Row], facts: dict) -> None:
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def write_plot(path: str, data: dict) -> None:
     """Time and peak memory against tokens per layer shape; fwd solid, fwd+bwd dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    layer_rows = [r for r in rows.values() if r.case.section == "layers"]
-    shapes = list(dict.fromkeys(r.case.group for r in layer_rows))
+    shapes = list(dict.fromkeys(d["shape"] for d in data["layers"]))
     if not shapes:
         return
     fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4.2 * len(shapes)), squeeze=False)
     for (ax_t, ax_m), shape_name in zip(axes, shapes):
-        sel = [r for r in layer_rows if r.case.group == shape_name]
-        for k, method in enumerate(dict.fromkeys(r.case.name for r in sel)):
-            line = sorted((r for r in sel if r.case.name == method), key=lambda r: r.tokens)
+        sel = [d for d in data["layers"] if d["shape"] == shape_name]
+        for k, method in enumerate(dict.fromkeys(d["method"] for d in sel)):
+            line = sorted((d for d in sel if d["method"] == method), key=lambda d: d["tokens"])
             for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
-                pts = [(r.tokens, r.cells[mode]) for r in line if r.cells[mode].ok]
-                kw = {"marker": "o", "color": f"C{k}", "label": line[0].label * (mode == "fwd")}
+                pts = [(d["tokens"], d[mode]) for d in line if d[mode]["status"] == "ok"]
+                kw = {"marker": "o", "color": f"C{k}", "label": line[0]["label"] * (mode == "fwd")}
                 if pts:
-                    ax_t.plot([n for n, _ in pts], [m.median_s * 1e3 for _, m in pts], style, **kw)
-                if mem := [(n, m.peak_bytes / 2 ** 20) for n, m in pts if m.peak_bytes]:
+                    ax_t.plot([n for n, _ in pts], [m["median_ms"] for _, m in pts], style, **kw)
+                if mem := [(n, m["peak_mib"]) for n, m in pts if m["peak_mib"]]:
                     ax_m.plot([n for n, _ in mem], [v for _, v in mem], style, **kw)
-        tokens = sorted({r.tokens for r in sel})
+        tokens = sorted({d["tokens"] for d in sel})
         for ax, ylabel in ((ax_t, "ms per call (median)"), (ax_m, "peak MiB above baseline")):
             ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
             ax.set_xticks(tokens, [f"{n:,}" for n in tokens])  # the measured token counts
@@ -991,7 +970,8 @@ def write_plot(path: str, rows: dict[Case, Row], facts: dict) -> None:
             ax.set_title(SHAPES[shape_name].title, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
-    fig.suptitle(header_line(facts) + "\nsolid: forward, dashed: forward+backward", fontsize=9)
+    fig.suptitle(header_line(data["header"]) + "\nsolid: forward, dashed: forward+backward",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1009,6 +989,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(kind: type, what: str, low: float):
+    """An argparse type: a kind(text) of at least low, else the error 'expected {what}'."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -1037,19 +1018,19 @@ def make_parser() -> argparse.ArgumentParser:
     add("--resolutions", nargs="+", default=[224, 512, 1024], metavar="R",
         type=_number(int, "a positive whole number of pixels", 1),
         help="image sizes r (r x r pixels); the token grid is r // patch")
-    add("--device", choices=["cpu", "cuda"], default="cpu", help=" ")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help=" ")
-    add("--batch-size", type=positive, default=1, help=" ")
-    add("--threads", type=positive, help="CPU threads (default: every CPU this process may use; "
-        "1 when the load average is at least that at the start)")
+    add("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="of the weights and inputs")
+    add("--batch-size", type=positive, default=1, help="images (or token sequences) per call")
+    add("--threads", type=positive, help="CPU threads (default: all usable; 1 on a busy machine)")
     add("--sections", nargs="+", choices=["layers", "models"], default=["layers", "models"],
         help="attention layers, whole models")
     add("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
         help="layer shapes: deit (DeiT-T layer), pvt (FLatten-PVT stage 1)")
     add("--methods", nargs="+", choices=list(METHODS), help="layer methods (default: all but "
-        "reference and baseline; ours-torch only on CUDA with Triton installed)")
-    add("--baseline", metavar="FILE", help="another copy of flatten.py (an older version, say): "
-        "adds the method baseline, its FocusedLinearAttention with ours' weights")
+        "reference and baseline; ours-torch only on CUDA with Triton)")
+    add("--baseline", metavar="FILE", help="another copy of flatten.py: adds the method "
+        "baseline, its FocusedLinearAttention with ours' weights")
     add("--models", nargs="+", choices=fl.list_models(), default=list(DEFAULT_MODELS),
         metavar="MODEL", help="models of the model section")
     add("--warmup", type=_number(int, "a whole number >= 0", 0), default=1,
@@ -1058,17 +1039,18 @@ def make_parser() -> argparse.ArgumentParser:
     add("--min-time", type=seconds, default=0.2, help="more until this many seconds are timed")
     add("--max-repeats", type=positive, default=50, help="at most this many timed calls")
     add("--cell-budget", type=seconds, default=8.0,
-        help="skip a cell estimated to take longer, warm-up included; 0: no limit")
-    add("--time-budget", type=seconds, default=120.0,
-        help="skip the cells that would not finish within this many seconds; 0: no limit")
+        help="skip a cell estimated to take longer, warm-up included")
+    add("--time-budget", type=seconds, default=120.0, help="skip the cells that would not "
+        "finish within this many seconds (either budget: 0 for none)")
     add("--seed", type=int, default=0, help="of the weights, inputs and timing order")
     add("--json", metavar="PATH", help="save every number and the header facts as JSON")
     add("--csv", metavar="PATH", help="save one line per cell as CSV")
     add("--plot", metavar="PATH", help="save a log-log plot of time and memory against tokens "
-        "(matplotlib; the suffix picks the format: .png, .pdf, .svg, ...)")
-    add("--table-format", default="github", help="a tabulate format")
-    add("--details", action="store_true", help="under each layer table: ours against the "
-        "official formulation, compute and memory floors, page faults (always in the JSON)")
+        "(matplotlib; the suffix picks the format)")
+    add("--table-format", default="github", choices=tabulate_formats, metavar="FORMAT",
+        help="a tabulate format")
+    add("--details", action="store_true", help="ours against official, floors and page faults "
+        "under each layer table")
     return p
 
 
@@ -1102,9 +1084,6 @@ def parse_args(argv: Sequence[str] | None = None):
                 f"{MIN_RESOLUTION} pixels")
     if args.max_repeats < args.repeats:
         p.error(f"--max-repeats {args.max_repeats} is below --repeats {args.repeats}")
-    if args.table_format not in tabulate_formats:
-        p.error(f"--table-format {args.table_format}: not a tabulate format; one of "
-                + ", ".join(tabulate_formats))
     if args.threads is not None and args.threads > cpus:
         p.error(f"--threads {args.threads}: this process may use {cpus} CPUs")
     if args.plot:
@@ -1183,10 +1162,8 @@ def _commit() -> str | None:
 
 
 def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+    if line := _proc_line("/proc/cpuinfo", "model name"):
+        return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "CPU"
 
 
@@ -1243,7 +1220,7 @@ def run_resolution(args, measurer: Measurer, rows: dict[Case, Row], r: int, stat
                     prepare_model(args, row, measurer.device, state["models"]))
             except Exception as err:  # noqa: BLE001 (memory, a baseline that differs: the row says)
                 for mode in row.case.modes:
-                    measurer.fail(Job(Cell(row.case, mode), row), err)
+                    measurer.fail(Job(row, mode), err)
         if "ours" in calls and "official" in calls:
             rows[Case(section, shape_name, "ours", r)].exactness = compare_to_official(
                 SHAPES[shape_name], group[0].grid, measurer.device, args.torch_dtype,
@@ -1254,7 +1231,7 @@ def run_resolution(args, measurer: Measurer, rows: dict[Case, Row], r: int, stat
                 call = calls[row.case.name]
                 call["module"].train(mode != "fwd")
                 est_s, est_bytes = measurer.estimates(row, mode)
-                jobs.append(Job(Cell(row.case, mode), row, call[mode], est_s,
+                jobs.append(Job(row, mode, call[mode], est_s,
                                 call["bytes"][mode] if "bytes" in call else est_bytes,
                                 row.case.name == "sdpa"))
             measurer.run_group(jobs)
@@ -1265,19 +1242,11 @@ def run_resolution(args, measurer: Measurer, rows: dict[Case, Row], r: int, stat
 def save_outputs(args, rows: dict[Case, Row], facts: dict, interrupted: bool, elapsed: float,
                  log: Callable[[str], None]) -> bool:
     """Write each output on its own; a failure is one line. True if all were written."""
-    data = to_json(rows, facts, interrupted, elapsed)
-
-    def write_json(path):
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1)
-
-    writers = {"json": write_json, "csv": lambda path: write_csv(path, data),
-               "plot": lambda path: write_plot(path, rows, facts)}
-    ok = True
-    for opt, write in writers.items():
+    data, ok = to_json(rows, facts, interrupted, elapsed), True
+    for opt, write in (("json", write_json), ("csv", write_csv), ("plot", write_plot)):
         if path := getattr(args, opt):
             try:
-                write(path)
+                write(path, data)
                 log(f"saved {path}")
             except Exception as err:  # noqa: BLE001 (a full disk, a plotting failure: one line)
                 ok = False
@@ -1302,12 +1271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(args.threads_note)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    facts, cells = header_facts(args, device), plan(args)
-    rows = make_rows(cells, args)
-    if any(c.case.section == "layers" and c.case.name in FLATTEN_METHODS for c in cells):
+    facts, rows = header_facts(args, device), plan(args)
+    cells = sum(len(case.modes) for case in rows)
+    if any(c.section == "layers" and c.name in FLATTEN_METHODS for c in rows):
         bandwidth = copy_bandwidth(device, args.torch_dtype)
         facts["copy_bandwidth_GBps"] = bandwidth and bandwidth / 1e9
-    measurer = Measurer(args, device, len(cells), log)
+    measurer = Measurer(args, device, cells, log)
     facts["matmul_GMACps"] = measurer.rate / 1e9
     log(header_line(facts))
     interrupted, state = False, {"backends": {}, "models": {}}
@@ -1325,7 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = measurer.elapsed()
     facts["load_average_1min_end"] = load_average()
     print(render(rows, facts, args.table_format, args.details))
-    print(f"\n{len(cells)} cells in {elapsed:.0f} s" + (" (interrupted)" if interrupted else ""))
+    print(f"\n{cells} cells in {elapsed:.0f} s" + (" (interrupted)" if interrupted else ""))
     written = save_outputs(args, rows, facts, interrupted, elapsed, log)
     return 130 if interrupted else 0 if written else 1
 

@@ -480,7 +480,7 @@ def layer_row(name="ours", macs=10):
 
 
 def job(row, fn=lambda: None, **kw):
-    return bench.Job(bench.Cell(row.case, "fwd"), row, fn, **kw)
+    return bench.Job(row, "fwd", fn, **kw)
 
 
 def test_cell_over_the_memory_estimate_is_skipped_before_it_starts(monkeypatch):
@@ -620,7 +620,7 @@ def synthetic(times, monkeypatch, load=0.3):
     monkeypatch.setattr(bench, "load_average", lambda: load)
     args = bench.parse_args(["--resolutions", "32", "--sections", "layers", "--shapes", "pvt",
                              "--methods", *times])
-    rows = bench.make_rows(bench.plan(args), args)
+    rows = bench.plan(args)
     for row in rows.values():
         for m in row.cells.values():
             m.status, m.times_s = "ok", list(times[row.case.name])
