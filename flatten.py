@@ -138,26 +138,8 @@ class FocusedLinearAttention(nn.Module):
                  grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = 0,
                  normalizer: str = "mean"):
         super().__init__()
-        _check_heads(dim, num_heads)
-        _check_focusing_factor(focusing_factor)
-        _check_normalizer(normalizer)
-        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
-        if not _is_int(sr_ratio) or sr_ratio < 1:
-            raise ValueError(f"sr_ratio must be an int >= 1, got {sr_ratio!r}")
-        if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
-        if num_prefix_tokens and sr_ratio > 1:
-            raise ValueError("class tokens (num_prefix_tokens > 0) need sr_ratio = 1")
-        if grid_size is None:
-            side = math.isqrt(num_patches) if _is_int(num_patches) and num_patches > 0 else 0
-            if side * side != num_patches or side == 0:
-                raise ValueError(f"num_patches={num_patches!r} is not a positive square: "
-                                 "pass grid_size=(H, W)")
-            grid_size = (side, side)
-        grid_size = _to_2tuple(grid_size, "grid_size")
-        if grid_size[0] * grid_size[1] != num_patches:
-            raise ValueError(f"grid_size {grid_size} does not hold num_patches={num_patches}")
+        grid_size = _check_layer_args(dim, num_patches, num_heads, sr_ratio, focusing_factor,
+                                      kernel_size, grid_size, num_prefix_tokens, normalizer)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.sr_ratio, self.kernel_size = sr_ratio, kernel_size
         self.focusing_factor = float(focusing_factor)
@@ -288,6 +270,32 @@ def _check_focusing_factor(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:  # nan too
         raise ValueError(f"focusing_factor must be a finite number > 0, got {p!r}")
     return float(p)
+
+
+def _check_layer_args(dim, num_patches, num_heads, sr_ratio, focusing_factor, kernel_size,
+                      grid_size, num_prefix_tokens, normalizer) -> Tuple[int, int]:
+    """FocusedLinearAttention's arguments, checked; returns the construction grid."""
+    _check_heads(dim, num_heads)
+    _check_focusing_factor(focusing_factor)
+    _check_normalizer(normalizer)
+    if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+    if not _is_int(sr_ratio) or sr_ratio < 1:
+        raise ValueError(f"sr_ratio must be an int >= 1, got {sr_ratio!r}")
+    if not _is_int(num_prefix_tokens) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    if num_prefix_tokens and sr_ratio > 1:
+        raise ValueError("class tokens (num_prefix_tokens > 0) need sr_ratio = 1")
+    if grid_size is None:
+        side = math.isqrt(num_patches) if _is_int(num_patches) and num_patches > 0 else 0
+        if side * side != num_patches or side == 0:
+            raise ValueError(f"num_patches={num_patches!r} is not a positive square: "
+                             "pass grid_size=(H, W)")
+        grid_size = (side, side)
+    grid_size = _to_2tuple(grid_size, "grid_size")
+    if grid_size[0] * grid_size[1] != num_patches:
+        raise ValueError(f"grid_size {grid_size} does not hold num_patches={num_patches}")
+    return grid_size
 
 
 def _check_normalizer(normalizer: str) -> None:
