@@ -162,8 +162,8 @@ class FocusedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = self._check_input(x, H, W)
-        if self.forward_path(x) != "reference":        # the same function, faster (section 5)
-            return _fast_forward(self, x, H, W)
+        if (path := self.forward_path(x)) != "reference":  # the same function, faster (section 5)
+            return _fast_forward(self, x, H, W, path)
         h, P = self.num_heads, self.num_prefix_tokens
         q = self.q(x)                                           # (B, N, C)
         xk, kh, kw = self._key_tokens(x, H, W)                  # x, or its reduced grid
@@ -1622,8 +1622,7 @@ def _choose_path(layer: FocusedLinearAttention, x: torch.Tensor) -> str:
     return "reference"
 
 
-def _fast_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int):
-    path = layer.forward_path(x)
+def _fast_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int, path: str):
     if path == "triton":
         try:
             return _forward_triton(layer, x, H, W)
