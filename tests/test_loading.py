@@ -171,6 +171,14 @@ NOT_CHECKPOINTS = {
 }
 
 
+def load_small_model(how: str, path) -> None:
+    """Load path into a small FLatten-PVTv2 through load_pretrained or create_model."""
+    if how == "load_pretrained":
+        fl.load_pretrained(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1)), path)
+    else:
+        fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), checkpoint=path)
+
+
 @pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
 def test_file_that_is_not_a_checkpoint_raises_one_value_error(tmp_path, kind):
     write, expected = NOT_CHECKPOINTS[kind]
@@ -178,10 +186,7 @@ def test_file_that_is_not_a_checkpoint_raises_one_value_error(tmp_path, kind):
     write(path)
     for how in ("load_pretrained", "create_model"):
         with pytest.raises(ValueError, match=expected) as err:
-            if how == "load_pretrained":
-                fl.load_pretrained(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1)), path)
-            else:
-                fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), checkpoint=path)
+            load_small_model(how, path)
         assert str(path) in str(err.value), \
             f"[{kind} file, {how}]: the file is not named: {err.value}"
 
@@ -190,10 +195,7 @@ def test_missing_file_raises_file_not_found_naming_it(tmp_path):
     path = tmp_path / "no_such_checkpoint.pth"
     for how in ("load_pretrained", "create_model"):
         with pytest.raises(FileNotFoundError) as err:
-            if how == "load_pretrained":
-                fl.load_pretrained(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1)), path)
-            else:
-                fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), checkpoint=path)
+            load_small_model(how, path)
         assert str(path) in str(err.value), \
             f"[missing file, {how}]: the file is not named: {err.value}"
 
