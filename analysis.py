@@ -44,6 +44,77 @@ import torch.nn.functional as F
 
 import flatten as fl
 
+# -----------------------------------------------------------------------------
+# Explicit N x n matrices of focused linear attention: the O(N^2) references of flatten.py's
+# linear_attention and DWC, and a layer's whole attention as one matrix
+
+
+def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
+                            normalizer: str = "mean") -> torch.Tensor:
+    """The explicit attention matrix of linear attention: A (B, h, N, n) with out = A @ v.
+
+    The O(N^2) reference of flatten.linear_attention:
+        A_ij = (q_i . k_j) / (sum_j' q_i . k_j' + eps')
+    with eps' = n * eps for the 'mean' normaliser and eps for 'sum'.
+    """
+    fl._check_normalizer(normalizer)
+    dt = fl._compute_dtype(q)
+    with fl._autocast_off(q.device.type):
+        scores = q.to(dt) @ k.to(dt).transpose(-2, -1)          # (B, h, N, n)
+        eps = eps * k.shape[-2] if normalizer == "mean" else eps
+        return scores / (scores.sum(dim=-1, keepdim=True) + eps)
+
+
+def dwc_matrix(weight: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The depthwise convolution (zero padding k // 2, no bias) as explicit matrices.
+
+    weight: (d, 1, k, k) -> M: (d, N, N) with N = H * W and tokens row-major, so that for one
+    channel c and token values v_c (N,), conv(v)_c = M[c] @ v_c. Built by convolving the N unit
+    images: obviously right, O(N^2 d) memory; for analysis and tests.
+    """
+    d, _, kh, kw = weight.shape
+    N = H * W
+    eye = torch.eye(N, dtype=weight.dtype, device=weight.device).reshape(N, 1, H, W)
+    cols = F.conv2d(eye.expand(N, d, H, W), weight, padding=(kh // 2, kw // 2), groups=d)
+    return cols.reshape(N, d, N).permute(1, 2, 0)  # column j of M[c] is the response to e_j
+
+
+@torch.no_grad()
+def attention_map(layer: fl.FocusedLinearAttention, x: torch.Tensor, H: int, W: int,
+                  with_dwc: bool = False) -> torch.Tensor:
+    """The equivalent attention matrix of a FocusedLinearAttention layer for input x.
+
+    Without the DWC: A (B, h, N, n) (rows: queries, columns: key tokens), so that the attention
+    part of the output before proj is A @ v per head. With the DWC: A + M_c per channel c of the
+    head, (B, h, d, N, n), where M_c is the DWC's matrix (dwc_matrix; for sr_ratio > 1 composed
+    with the 1-D interpolation). For visualising attention (the paper's Fig. 3 and 5) and rank.
+    """
+    B, N, C = x.shape
+    h, P = layer.num_heads, layer.num_prefix_tokens
+    layer._check_input(x, H, W)
+    q = layer.q(x)
+    xk, kh, kw = layer._key_tokens(x, H, W)
+    k = layer.kv(xk)[..., :C] + layer._positional_encoding(kh, kw)
+    scale = F.softplus(layer.scale)
+    q, k = fl.focus(q, layer.focusing_factor, scale), fl.focus(k, layer.focusing_factor, scale)
+    q, k = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k))
+    A = linear_attention_matrix(q, k, normalizer=layer.normalizer)   # (B, h, N, n)
+    if not with_dwc:
+        return A
+    n = A.shape[-1]
+    M = dwc_matrix(layer.dwc.weight.to(A.dtype), H, W)  # (d, HW, HW) acting on interpolated v
+    if n - P != H * W:
+        interp = torch.eye(n - P, dtype=A.dtype, device=A.device).unsqueeze(0)
+        interp = F.interpolate(interp, size=H * W, mode="linear", align_corners=False)[0].T
+        M = M @ interp                                   # (d, HW, n)
+    full = torch.zeros(M.shape[0], N, n, dtype=A.dtype, device=A.device)
+    full[:, P:, P:] = M
+    return A.unsqueeze(2) + full                         # (B, h, d, N, n)
+
+
+# -----------------------------------------------------------------------------
+# Rank and entropy
+
 
 @dataclass(frozen=True)
 class MapStats:
@@ -84,9 +155,9 @@ def analyse(grid: Tuple[int, int] = (14, 14), num_heads: int = 3, head_dim: int 
     q = layer.q(x).reshape(1, N, h, head_dim).transpose(1, 2)                     # (1, h, N, d)
     k = layer.kv(x)[..., :C].reshape(1, N, h, head_dim).transpose(1, 2)
     softmax = torch.softmax(q @ k.transpose(-2, -1) * head_dim ** -0.5, dim=-1)  # (1, h, N, N)
-    vanilla = fl.linear_attention_matrix(F.relu(q), F.relu(k), eps=1e-6, normalizer="sum")
-    focused = fl.attention_map(layer, x, H, W)                                    # (1, h, N, N)
-    with_dwc = fl.attention_map(layer, x, H, W, with_dwc=True)                    # (1, h, d, N, N)
+    vanilla = linear_attention_matrix(F.relu(q), F.relu(k), eps=1e-6, normalizer="sum")
+    focused = attention_map(layer, x, H, W)                                    # (1, h, N, N)
+    with_dwc = attention_map(layer, x, H, W, with_dwc=True)                    # (1, h, d, N, N)
     return [_stats("softmax", softmax), _stats("vanilla linear", vanilla),
             _stats("focused linear", focused), _stats("focused linear + DWC", with_dwc)]
 

@@ -135,17 +135,6 @@ def _layer_row(case: Case, args) -> Row:
     return Row(case, label, grid, shape.prefix + G, macs)
 
 
-@contextlib.contextmanager
-def fast_path(mode: str):
-    """flatten.set_fast_path(mode) for a block, then the mode it had before."""
-    saved = fl.get_fast_path()
-    fl.set_fast_path(mode)
-    try:
-        yield
-    finally:
-        fl.set_fast_path(saved)
-
-
 def load_baseline(path: str):
     """Another copy of flatten.py (an older version, say), imported as a module of its own."""
     full = os.path.abspath(path)
@@ -201,7 +190,7 @@ def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def forward(t):
         if method == "official":
             return fl.official_forward(layer, t, H, W)
-        with fast_path(mode) if mode else contextlib.nullcontext():
+        with fl.fast_path(mode) if mode else contextlib.nullcontext():
             return layer(t, H, W)
 
     def fwd():
@@ -213,7 +202,7 @@ def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int,
 
     paths = None
     if method != "official" and hasattr(layer, "forward_path"):
-        with fast_path(mode or fl.get_fast_path()):
+        with fl.fast_path(mode or fl.get_fast_path()):
             with torch.no_grad():
                 paths = {"fwd": str(layer.forward_path(x))}
             paths["fwdbwd"] = str(layer.forward_path(xg))

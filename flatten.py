@@ -6,13 +6,14 @@ Huang; ICCV 2023 (arXiv 2308.00442). Official code: github.com/LeapLabTHU/FLatte
 torch and the Python standard library only: copy this file into your project. Top to bottom:
   1. the method: the focused kernel phi_p (focus), linear attention (linear_attention) and the
      module FocusedLinearAttention, whose forward reads like the paper;
-  2. comparators and explicit references: softmax, vanilla linear and L2ViT attention, the
-     N x N matrices, and official_forward (the official code's formulation, op by op);
+  2. comparators: softmax, vanilla linear and L2ViT attention, and official_forward (the
+     official code's formulation, op by op);
   3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT and FLatten-Swin with their
      softmax counterparts; create_model and list_models;
   4. checkpoint loading (load_pretrained) of the released official files;
   5. fast paths (optional reading): faster ways to the same function, behind one switch
-     (set_fast_path), tested equal to the reference.
+     (set_fast_path), tested equal to the reference. Sections 1 and 5 stand alone: section 1
+     with its helpers is the whole method, and without section 5 forward is the reference.
 
 Shape letters: B batch, N query tokens, n key tokens, C channels, h heads, d = C / h head dim,
 H x W the token grid (N = H * W, plus class tokens in DeiT), p the focusing factor.
@@ -31,27 +32,14 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional: the Triton kernels of the fast paths (section 5)
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-__all__ = [
-    "focus", "linear_attention", "FocusedLinearAttention",
-    "SoftmaxAttention", "VanillaLinearAttention", "L2ViTLinearAttention",
-    "linear_attention_matrix", "dwc_matrix", "attention_map", "official_forward",
-    "resample_grid", "PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
-    "SwinConfig", "SwinTransformer",
-    "MODELS", "create_model", "list_models", "load_pretrained", "checkpoint_filter_fn",
-    "set_fast_path", "get_fast_path",
-]
+# each section adds its public names
+__all__ = ["focus", "linear_attention", "FocusedLinearAttention", "resample_grid"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -163,7 +151,7 @@ class FocusedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = self._check_input(x, H, W)
         if (path := self.forward_path(x)) != "reference":  # the same function, faster (section 5)
-            return _fast_forward(self, x, H, W, path)
+            return _FAST_PATHS.run(self, x, H, W, path)
         h, P = self.num_heads, self.num_prefix_tokens
         q = self.q(x)                                           # (B, N, C)
         xk, kh, kw = self._key_tokens(x, H, W)                  # x, or its reduced grid
@@ -231,11 +219,21 @@ class FocusedLinearAttention(nn.Module):
     def forward_path(self, x: torch.Tensor) -> str:
         """Which implementation forward(x, H, W) takes: "reference" (the code above) or the name
         of a fast path (section 5; set_fast_path chooses which may run)."""
-        return _choose_path(self, x)
+        return "reference" if _FAST_PATHS is None else _FAST_PATHS.choose(self, x)
 
 
 # -----------------------------------------------------------------------------
 # Small helpers of the method
+
+
+class _FastPaths(NamedTuple):
+    """Where the fast paths of section 5 plug in. Without section 5 (it can be deleted) there are
+    none, and forward is the reference everywhere."""
+    choose: Callable[[FocusedLinearAttention, torch.Tensor], str]  # (layer, x) -> path name
+    run: Callable[..., torch.Tensor]                  # (layer, x, H, W, path) -> forward's output
+
+
+_FAST_PATHS: Optional[_FastPaths] = None
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -335,6 +333,13 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
+
+
 def _image(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """(B, H*W, C) tokens -> (B, C, H, W), a view of their channels-last memory, on which
     convolutions run channels-last. (A transpose-then-reshape view of the same memory is not
@@ -372,8 +377,19 @@ def resample_grid(table: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[in
     return torch.cat([prefix, grid], dim=1) if P else grid
 
 
+def _resample_parameter(param: nn.Parameter, *args, **kwargs) -> None:
+    """resample_grid of a position table, in place: the Parameter object, its requires_grad and
+    an optimizer's reference to it stay (build the optimizer afterwards: its state of the old
+    shape does not fit)."""
+    with torch.no_grad():
+        param.data = resample_grid(param, *args, **kwargs).clone()
+
+
 # =============================================================================
-# 2. Comparators and explicit references
+# 2. Comparators and the official formulation
+
+__all__ += ["SoftmaxAttention", "VanillaLinearAttention", "L2ViTLinearAttention",
+            "official_forward"]
 
 
 class SoftmaxAttention(nn.Module):
@@ -495,68 +511,6 @@ class L2ViTLinearAttention(nn.Module):
         return torch.cat([a[:, :P], a[:, P:] + lcm], dim=1) if P else a + lcm
 
 
-def linear_attention_matrix(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6,
-                            normalizer: str = "mean") -> torch.Tensor:
-    """The explicit attention matrix of linear attention: A (B, h, N, n) with out = A @ v.
-
-    The O(N^2) reference of linear_attention: A_ij = (q_i . k_j) / (sum_j' q_i . k_j' + eps')
-    with eps' = n * eps for the 'mean' normaliser and eps for 'sum'.
-    """
-    _check_normalizer(normalizer)
-    dt = _compute_dtype(q)
-    with _autocast_off(q.device.type):
-        scores = q.to(dt) @ k.to(dt).transpose(-2, -1)          # (B, h, N, n)
-        eps = eps * k.shape[-2] if normalizer == "mean" else eps
-        return scores / (scores.sum(dim=-1, keepdim=True) + eps)
-
-
-def dwc_matrix(weight: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """The depthwise convolution (zero padding k // 2, no bias) as explicit matrices.
-
-    weight: (d, 1, k, k) -> M: (d, N, N) with N = H * W and tokens row-major, so that for one
-    channel c and token values v_c (N,), conv(v)_c = M[c] @ v_c. Built by convolving the N unit
-    images: obviously right, O(N^2 d) memory; for analysis and tests.
-    """
-    d, _, kh, kw = weight.shape
-    N = H * W
-    eye = torch.eye(N, dtype=weight.dtype, device=weight.device).reshape(N, 1, H, W)
-    cols = F.conv2d(eye.expand(N, d, H, W), weight, padding=(kh // 2, kw // 2), groups=d)
-    return cols.reshape(N, d, N).permute(1, 2, 0)  # column j of M[c] is the response to e_j
-
-
-@torch.no_grad()
-def attention_map(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int,
-                  with_dwc: bool = False) -> torch.Tensor:
-    """The equivalent attention matrix of a FocusedLinearAttention layer for input x.
-
-    Without the DWC: A (B, h, N, n) (rows: queries, columns: key tokens), so that the attention
-    part of the output before proj is A @ v per head. With the DWC: A + M_c per channel c of the
-    head, (B, h, d, N, n), where M_c is the DWC's matrix (dwc_matrix; for sr_ratio > 1 composed
-    with the 1-D interpolation). For visualising attention (the paper's Fig. 3 and 5) and rank.
-    """
-    B, N, C = x.shape
-    h, P = layer.num_heads, layer.num_prefix_tokens
-    layer._check_input(x, H, W)
-    q = layer.q(x)
-    xk, kh, kw = layer._key_tokens(x, H, W)
-    k = layer.kv(xk)[..., :C] + layer._positional_encoding(kh, kw)
-    scale = F.softplus(layer.scale)
-    q, k = focus(q, layer.focusing_factor, scale), focus(k, layer.focusing_factor, scale)
-    q, k = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k))
-    A = linear_attention_matrix(q, k, normalizer=layer.normalizer)   # (B, h, N, n)
-    if not with_dwc:
-        return A
-    n = A.shape[-1]
-    M = dwc_matrix(layer.dwc.weight.to(A.dtype), H, W)  # (d, HW, HW) acting on interpolated v
-    if n - P != H * W:
-        interp = torch.eye(n - P, dtype=A.dtype, device=A.device).unsqueeze(0)
-        interp = F.interpolate(interp, size=H * W, mode="linear", align_corners=False)[0].T
-        M = M @ interp                                   # (d, HW, n)
-    full = torch.zeros(M.shape[0], N, n, dtype=A.dtype, device=A.device)
-    full[:, P:, P:] = M
-    return A.unsqueeze(2) + full                         # (B, h, d, N, n)
-
-
 def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int,
                      normalizer: Optional[str] = None) -> torch.Tensor:
     """The official module's forward, op by op and layout by layout, on a layer's own weights.
@@ -617,6 +571,9 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
 
 # =============================================================================
 # 3. Backbones
+
+__all__ += ["PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
+            "SwinConfig", "SwinTransformer", "MODELS", "create_model", "list_models"]
 
 
 class DropPath(nn.Module):
@@ -766,14 +723,6 @@ class _Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _resample_parameter(param: nn.Parameter, *args, **kwargs) -> None:
-    """resample_grid of a position table, in place: the Parameter object, its requires_grad and
-    an optimizer's reference to it stay (build the optimizer afterwards: its state of the old
-    shape does not fit)."""
-    with torch.no_grad():
-        param.data = resample_grid(param, *args, **kwargs).clone()
 
 
 # -----------------------------------------------------------------------------
@@ -1065,14 +1014,15 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B_, h, N, d)
         attn = (q * self.scale) @ k.transpose(-2, -1)                     # (B_, h, N, N)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
-            attn = attn.view(B_ // nw, nw, self.num_heads, N, N) + mask[None, :, None]
-            attn = attn.view(B_, -1, N, N)
+            attn = attn.view(B_ // nw, nw, h, N, N) + mask[None, :, None]
+            attn = attn.view(B_, h, N, N)
         out = self.attn_drop(attn.softmax(dim=-1)) @ v
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
 
@@ -1097,11 +1047,12 @@ def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
     """(B, Hp, Wp, C) -> (B * windows, w * w, C), windows row-major."""
     B, Hp, Wp, C = x.shape
     x = x.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3)
-    return x.reshape(-1, w * w, C)
+    return x.reshape(B * (Hp // w) * (Wp // w), w * w, C)
 
 
 def _unwindows(x: torch.Tensor, w: int, B: int, Hp: int, Wp: int) -> torch.Tensor:
-    return x.view(B, Hp // w, Wp // w, w, w, -1).transpose(2, 3).reshape(B, Hp, Wp, -1)
+    C = x.shape[-1]
+    return x.view(B, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(B, Hp, Wp, C)
 
 
 class SwinBlock(nn.Module):
@@ -1369,6 +1320,8 @@ def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = No
 # =============================================================================
 # 4. Checkpoint loading
 
+__all__ += ["load_pretrained", "checkpoint_filter_fn"]
+
 # Classes of a checkpoint's non-tensor objects (a training config, say) that loading stands in
 # for with inert data. Any other global of the standard library (builtins.eval, os.system, ...)
 # makes loading refuse the file.
@@ -1572,10 +1525,20 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
 #
 # Faster ways to compute FocusedLinearAttention.forward, each tested equal to the reference (the
 # forward of section 1) on outputs and gradients. forward enters them through one dispatch
-# point, _fast_forward; set_fast_path (or FLATTEN_FAST_PATH) chooses which may run:
+# point, _FAST_PATHS (set at the end of this section: _choose_path, then _fast_forward);
+# set_fast_path (or FLATTEN_FAST_PATH) chooses which may run:
 #   "auto"   every path that applies (the default);
 #   "torch"  the torch paths only, not the Triton kernels;
 #   "off"    always the reference.
+# Nothing above this section uses it: delete it, and forward is the reference everywhere.
+
+try:  # optional: the Triton kernels
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+__all__ += ["set_fast_path", "get_fast_path", "fast_path"]
 
 _FAST_PATH_MODES = ("auto", "torch", "off")
 _fast_path_mode = os.environ.get("FLATTEN_FAST_PATH", "auto").strip().lower()
@@ -1600,11 +1563,16 @@ def get_fast_path() -> str:
     return _fast_path_mode
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()  # torch < 2.3
+@contextlib.contextmanager
+def fast_path(mode: str):
+    """set_fast_path(mode) inside a with-block, then the mode before it again:
+    `with flatten.fast_path("off"): ...` runs the reference forward (twice differentiable)."""
+    before = get_fast_path()
+    set_fast_path(mode)
+    try:
+        yield
+    finally:
+        set_fast_path(before)
 
 
 def _choose_path(layer: FocusedLinearAttention, x: torch.Tensor) -> str:
@@ -2080,3 +2048,6 @@ def _forward_triton(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: i
     except Exception as e:  # noqa: BLE001 - compile, PTX assembly or launch failures
         raise _TritonFailure(str(e)) from e
     return layer.proj_drop(layer.proj(out))
+
+
+_FAST_PATHS = _FastPaths(choose=_choose_path, run=_fast_forward)

@@ -1,14 +1,14 @@
 """Helpers shared by the test files: the official fixtures, seeded tensors, comparisons.
 
-The test files import them with `from common import ...` (pytest puts tests/ on sys.path).
+The test files import them with `from common import ...` (pytest.ini puts tests/ on sys.path).
 """
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 import flatten as fl
+from flatten import fast_path  # noqa: F401 - the tests' way to switch paths
 
 ROOT = Path(__file__).parent.parent
 DATA = Path(__file__).parent / "data"
@@ -51,12 +51,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: 
         f"atol {atol:g})"
 
 
-@contextlib.contextmanager
-def fast_path(mode: str):
-    """flatten.set_fast_path(mode) for the duration of a with-block, then the previous mode."""
-    before = fl.get_fast_path()
-    fl.set_fast_path(mode)
-    try:
-        yield
-    finally:
-        fl.set_fast_path(before)
+def official_micro(fixture: str, name: str, dtype=torch.float32, **config):
+    """An official micro fixture of tests/data and the model it was made with: create_model(name,
+    **config) with the fixture's state_dict loaded, in eval mode and `dtype`. Returns (model,
+    fixture)."""
+    d = load_fixture(fixture)
+    model = fl.create_model(name, **config)
+    fl.load_pretrained(model, d["state_dict"])
+    return model.to(dtype).eval(), d

@@ -10,7 +10,17 @@ import json
 
 import pytest
 import torch
-from common import ATOL, DATA, RTOL, assert_close, fast_path, load_fixture, randomize, seeded
+from common import (
+    ATOL,
+    DATA,
+    RTOL,
+    assert_close,
+    fast_path,
+    load_fixture,
+    official_micro,
+    randomize,
+    seeded,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 import flatten as fl
@@ -132,14 +142,11 @@ def test_state_dict_layout_is_official():
 
 
 def micro_model(version, normalizer="mean"):
-    d = load_fixture("fixture_flatten_pvt_micro.pt" if version == 1 else
-                     "fixture_flatten_pvt_v2_micro.pt")
-    c = d["config"]
-    m = fl.create_model("flatten_pvt_tiny" if version == 1 else "flatten_pvt_v2_b1",
-                        img_size=c["img_size"], embed_dims=c["embed_dims"], depths=c["depths"],
-                        num_classes=c["num_classes"], normalizer=normalizer)
-    fl.load_pretrained(m, d["state_dict"])
-    return m.eval(), d
+    fixture = "fixture_flatten_pvt_micro.pt" if version == 1 else "fixture_flatten_pvt_v2_micro.pt"
+    c = load_fixture(fixture)["config"]
+    return official_micro(fixture, "flatten_pvt_tiny" if version == 1 else "flatten_pvt_v2_b1",
+                          img_size=c["img_size"], embed_dims=c["embed_dims"], depths=c["depths"],
+                          num_classes=c["num_classes"], normalizer=normalizer)
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"], ids=["fast-paths", "reference"])
@@ -179,13 +186,6 @@ MANIFESTS = sorted(p.name for p in DATA.glob("manifest_flatten_pvt*.json"))  # S
 
 def test_there_are_manifests():
     assert len(MANIFESTS) == 10, f"manifests in tests/data: {MANIFESTS}"
-
-
-@pytest.fixture
-def untruncated_init(monkeypatch):
-    """nn.init.trunc_normal_ as a no-op: the initial values do not matter to key, shape and
-    count checks, and torch's truncated normal is 90% of the build time of the large models."""
-    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS)

@@ -14,7 +14,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from common import ATOL, DATA, RTOL, assert_close, fast_path, load_fixture, randomize, seeded
+from common import (
+    ATOL,
+    DATA,
+    RTOL,
+    assert_close,
+    fast_path,
+    load_fixture,
+    official_micro,
+    randomize,
+    seeded,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -29,14 +39,7 @@ MICRO = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_clas
 SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), num_classes=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is as fast, and steadier on a shared machine. (The
-    fixture's outputs reproduce bit-exactly at 1-2 threads.)"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,7 @@ def micro_model(d, dtype=torch.float32):
     assert (c["embed_dim"], tuple(c["depths"]), tuple(c["num_heads"]), c["attn_type"],
             c["num_classes"], c["img_size"]) == (16, (2, 2, 2, 2), (1, 2, 4, 8), "LLSS", 10, 224), \
         f"[{FIXTURE}] config {c} is not the one these tests build"
-    m = fl.create_model("flatten_swin_tiny", **MICRO)
-    fl.load_pretrained(m, d["state_dict"])
-    return m.to(dtype).eval()
+    return official_micro(FIXTURE, "flatten_swin_tiny", dtype, **MICRO)[0]
 
 
 def official_stages(m, x):
@@ -143,13 +144,6 @@ def test_fixture_pins_every_part(fixture, monkeypatch, what, mutate, moved):
 
 SWIN_MANIFESTS = ["tiny", "small", "base", "base_384"]
 MANIFEST_DIR = DATA  # their state_dict is a list of (key, shape, dtype), unlike the PVT ones
-
-
-@pytest.fixture
-def untruncated_init(monkeypatch):
-    """nn.init.trunc_normal_ as a no-op: the initial values do not matter to shapes and counts,
-    and the truncated normal is most of the build time of the full-size models."""
-    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
 
 
 def read_manifest(size):

@@ -23,19 +23,13 @@ from hypothesis import strategies as st
 from torch.autograd.gradcheck import GradcheckError
 from torch.utils.flop_counter import FlopCounterMode
 
+import analysis
 import flatten as fl
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread is as fast, and on a busy machine (other jobs
-    on the same cores) a thread pool made this file 5-10x slower (measured: 77 s against 8 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +196,7 @@ def test_linear_order_equals_explicit_matrix(case, normalizer, eps, head_views):
     if head_views:
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     fast = fl.linear_attention(q, k, v, eps=eps, normalizer=normalizer)
-    A = fl.linear_attention_matrix(q, k, eps=eps, normalizer=normalizer)
+    A = analysis.linear_attention_matrix(q, k, eps=eps, normalizer=normalizer)
     assert A.shape == (case.B, case.h, case.N, case.n), f"{case}: A has shape {tuple(A.shape)}"
     check_close(fast, A @ v, case, f"{normalizer} eps={eps}: linear order vs N x n matrix")
     # and against the textbook formula written out here, Eq. 4 of the paper
@@ -230,13 +224,13 @@ def test_module_equals_its_attention_map(case, with_dwc):
         src = kv_source(layer, x, case.H, case.W)
         v = heads(layer.kv(src)[..., case.C:], case.h)                           # (B, h, n, d)
         if with_dwc:
-            maps = fl.attention_map(layer, x, case.H, case.W, with_dwc=True)    # (B, h, d, N, n)
+            maps = analysis.attention_map(layer, x, case.H, case.W, with_dwc=True)  # (B,h,d,N,n)
             assert maps.shape == (case.B, case.h, case.d, case.N, case.n), \
                 f"{case}: {tuple(maps.shape)}"
             att = torch.einsum("bhcij,bhjc->bhic", maps, v)
             att[:, :, case.P:] += layer.dwc.bias                                 # patch tokens only
         else:
-            A = fl.attention_map(layer, x, case.H, case.W)
+            A = analysis.attention_map(layer, x, case.H, case.W)
             assert A.shape == (case.B, case.h, case.N, case.n), f"{case}: {tuple(A.shape)}"
             att = A @ v
         ref = layer.proj(merge(att))
@@ -298,7 +292,7 @@ def test_attention_is_row_stochastic_and_convex(case, log_scale):
     q = features(case, g, case.N, scale=10.0 ** log_scale)
     k = features(case, g, case.n)
     v = randn(g, case.B, case.h, case.n, case.d)
-    A = fl.linear_attention_matrix(q, k, eps=0.0)
+    A = analysis.linear_attention_matrix(q, k, eps=0.0)
     assert (A >= 0).all(), f"{case}: negative attention weight {A.min():.3g}"
     check_close(A.sum(-1), torch.ones_like(A.sum(-1)), case, "eps=0: row sums")
     out = fl.linear_attention(q, k, v, eps=0.0)
@@ -310,7 +304,7 @@ def test_attention_is_row_stochastic_and_convex(case, log_scale):
     check_close(fl.linear_attention(q, k, const, eps=0.0), torch.full_like(out, -2.5), case,
                 "constant V reproduced")
     # with the module's eps = 1e-6 the rows are sub-stochastic: sums in (0, 1]
-    rows = fl.linear_attention_matrix(q, k).sum(-1)
+    rows = analysis.linear_attention_matrix(q, k).sum(-1)
     assert ((rows > 0) & (rows <= 1 + 1e-12)).all(), f"{case}: eps=1e-6 row sums outside (0, 1]"
 
 
@@ -324,7 +318,7 @@ def test_layer_attention_map_is_substochastic(case):
     g = case.gen()
     layer = make_layer(case, g)
     x = randn(g, case.B, case.N, case.C)
-    A = fl.attention_map(layer, x, case.H, case.W)
+    A = analysis.attention_map(layer, x, case.H, case.W)
     with torch.no_grad():
         scale = F.softplus(layer.scale)
         src = kv_source(layer, x, case.H, case.W)
@@ -458,7 +452,7 @@ def test_proposition_1_degenerate_cases(cx, c, p):
 def test_linear_attention_rank_at_most_head_dim(case):
     g = case.gen()
     q, k = features(case, g, case.N), features(case, g, case.n)
-    A = fl.linear_attention_matrix(q, k)
+    A = analysis.linear_attention_matrix(q, k)
     for b in range(case.B):
         for hh in range(case.h):
             r = numerical_rank(A[b, hh])
@@ -470,7 +464,7 @@ def test_linear_attention_rank_at_most_head_dim(case):
 def test_dwc_is_its_sparse_matrix(case):
     g = case.gen()
     w = randn(g, case.d, 1, case.k, case.k)
-    M = fl.dwc_matrix(w, case.H, case.W)
+    M = analysis.dwc_matrix(w, case.H, case.W)
     assert M.shape == (case.d, case.H * case.W, case.H * case.W), f"{case}: {tuple(M.shape)}"
     assert torch.equal(M, dwc_matrix_by_definition(w, case.H, case.W)), \
         f"{case}: dwc_matrix differs from the windowed definition (max |diff| " \
@@ -488,8 +482,8 @@ def test_layer_dwc_term_is_explicit_matrix(case):
     g = case.gen()
     layer = make_layer(case, g)
     x = randn(g, case.B, case.N, case.C)
-    A = fl.attention_map(layer, x, case.H, case.W)
-    full = fl.attention_map(layer, x, case.H, case.W, with_dwc=True)
+    A = analysis.attention_map(layer, x, case.H, case.W)
+    full = analysis.attention_map(layer, x, case.H, case.W, with_dwc=True)
     M = dwc_matrix_by_definition(layer.dwc.weight.detach(), case.H, case.W)
     if case.sr > 1:
         M = M @ interpolation_matrix(case.n, case.H * case.W)
@@ -511,8 +505,8 @@ def test_dwc_restores_rank(case):
     g = case.gen()
     layer = make_layer(case, g)
     x = randn(g, case.B, case.N, case.C)
-    A = fl.attention_map(layer, x, case.H, case.W)
-    full = fl.attention_map(layer, x, case.H, case.W, with_dwc=True)
+    A = analysis.attention_map(layer, x, case.H, case.W)
+    full = analysis.attention_map(layer, x, case.H, case.W, with_dwc=True)
     for hh in range(case.h):
         assert numerical_rank(A[0, hh]) <= case.d, f"{case} head {hh}: rank without DWC above d"
         for c in range(case.d):
@@ -833,10 +827,10 @@ def test_gradcheck_functional_core(case, normalizer):
     v = randn(g, case.B, case.h, case.n, case.d).requires_grad_()
     gradcheck(lambda a, b, c: fl.linear_attention(a, b, c, normalizer=normalizer), (q, k, v),
               f"{case}: linear_attention ({normalizer})")
-    gradcheck(lambda a, b: fl.linear_attention_matrix(a, b, normalizer=normalizer), (q, k),
+    gradcheck(lambda a, b: analysis.linear_attention_matrix(a, b, normalizer=normalizer), (q, k),
               f"{case}: linear_attention_matrix ({normalizer})")
     w = randn(g, case.d, 1, case.k, case.k).requires_grad_()
-    gradcheck(lambda t: fl.dwc_matrix(t, case.H, case.W), (w,), f"{case}: dwc_matrix",
+    gradcheck(lambda t: analysis.dwc_matrix(t, case.H, case.W), (w,), f"{case}: dwc_matrix",
               fast_mode=True)
 
 

@@ -1,4 +1,5 @@
-"""Hypothesis profiles for the property tests (test_properties.py).
+"""Shared fixtures (one_thread, untruncated_init) and the hypothesis profiles of the property tests
+(test_flatten.py).
 
 Pick one with the HYPOTHESIS_PROFILE environment variable (default "ci"):
   ci   derandomized: the same examples on every run and machine, no example database;
@@ -14,6 +15,7 @@ tensors: TRITON_INTERPRET=1 is set here, before flatten.py defines them.
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -27,3 +29,21 @@ settings.register_profile("dev", max_examples=10, deadline=None, print_blob=True
 settings.register_profile("long", max_examples=300, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small tensors: as fast, and steadier on a shared
+    machine (a thread pool made the property tests 5-10x slower on a busy one: 77 s against
+    8 s). The official fixtures reproduce bit-exactly at 1-2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def untruncated_init(monkeypatch):
+    """nn.init.trunc_normal_ as a no-op: initial values do not matter to key, shape, count and
+    FLOP checks, and the truncated normal is most of the build time of the full-size models."""
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
