@@ -1,4 +1,10 @@
-"""Rank and row entropy of attention maps at DeiT-T's shape (the paper's Fig. 5).
+"""Attention maps of focused linear attention as explicit matrices, and their rank and row entropy
+at DeiT-T's shape (the paper's Fig. 5).
+
+As a library (next to flatten.py): linear_attention_matrix(q, k) (the N x n matrix of linear
+attention), dwc_matrix(weight, H, W) (the DWC as N x N matrices) and attention_map(layer, x, H,
+W) (a FocusedLinearAttention layer's whole attention, with or without its DWC): O(N^2), for
+visualising attention and for tests.
 
 Usage:
     python analysis.py                      # 14 x 14 = 196 tokens, 3 heads of d = 64, p = 3

@@ -2,7 +2,7 @@
 
 One parametrized test holds every path equal to the reference on outputs and on every gradient:
 the training path (hand-written backward passes), the inference path, the Triton kernels (in
-Triton's interpreter on CPU tensors without a GPU; tests/conftest.py sets TRITON_INTERPRET=1)
+Triton's interpreter on CPU tensors without a GPU; conftest.py sets TRITON_INTERPRET=1)
 and torch.compile, over shapes with sr_ratio 1 and 2, class tokens, another grid than the
 construction grid, half precision, and each focusing-factor branch of the kernels (p = 1, 2, 3,
 4 and non-integer). The other tests pin what that one cannot: which path a call takes, the

@@ -152,7 +152,7 @@ def test_layer_runs_at_other_grids_and_is_untouched_at_its_own():
 
 def test_resample_grid_is_bicubic_and_keeps_the_dtype():
     """The grid rows are F.interpolate's bicubic (align_corners=False) image resampling, and a
-    half-precision table stays half (identity and constants: test_properties.py)."""
+    half-precision table stays half (identity and constants: test_flatten.py)."""
     t = seeded(1, 2 + 6 * 8, 4, seed=12)
     out = fl.resample_grid(t, (6, 8), (9, 5), 2)
     grid = t[:, 2:].reshape(1, 6, 8, 4).permute(0, 3, 1, 2)
