@@ -1527,7 +1527,8 @@ class CSwinTransformer(_Classifier):
             raise ValueError(f"attn_type needs 4 letters 'L' or 'S', got {cfg.attn_type!r}")
         if not all(_is_int(s) and s > 0 for s in cfg.split_size):
             raise ValueError(f"split_size entries must be positive ints, got {cfg.split_size}")
-        _check_heads(cfg.embed_dim, 1)
+        if not _is_int(cfg.embed_dim) or cfg.embed_dim < 1:
+            raise ValueError(f"embed_dim must be a positive int, got {cfg.embed_dim!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
         self.cfg = cfg

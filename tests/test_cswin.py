@@ -6,7 +6,12 @@ checkpoint format, training and an empty batch.
 The micro fixture is the official CSWinTransformer with embed_dim 16, depths (2, 2, 2, 2), heads
 (2, 4, 8, 16), split_size (1, 2, 7, 7), la_split_size '56-28-14-7', 'LLSS', 10 classes (stages
 1 and 2: global focused linear attention; stage 3: stripes 14x7 and 7x14; stage 4: the whole
-7x7 grid), on fixed large random weights and a (2, 3, 224, 224) input; tests/data/README.md.
+7x7 grid), run by the official code on a CPU in float32 at one thread. Its weights: every
+parameter, in named_parameters() order, N(0, 0.2^2) from one generator seeded 1; its input
+(2, 3, 224, 224): N(0, 1) from a generator seeded 2 (test_fixture_recipe makes both again). It
+holds the logits, the pooled features, each stage's output (the last block of official stage i,
+before the next merge), the float64 logits and the logits of the older official file the
+released checkpoint was trained with (output_e743f01). Tolerance: rtol 1e-4, atol 1e-5.
 The CSwin attention modules have no fast path: the tests that run with fast paths on and off
 hold that the switch changes nothing here.
 """
@@ -70,11 +75,17 @@ def stage_tokens(m, x):
 # 1. The official micro fixture
 
 
-def test_keys_in_the_official_order(fixture):
-    ours = list(fl.create_model("flatten_cswin_tiny", **MICRO).state_dict())
-    official = list(fixture["state_dict"])
-    assert ours == official, f"{CASE}: state_dict keys differ from the official order: " \
-        f"first difference {next((a, b) for a, b in zip(ours, official) if a != b)}"
+def test_fixture_recipe(fixture):
+    """Our parameters come in the official order, so the fixture's recipe run on our model
+    gives the fixture's weights; and its input is seeded(..., seed=2)."""
+    m = randomize(fl.create_model("flatten_cswin_tiny", **MICRO), seed=1, std=0.2)
+    ours, official = m.state_dict(), fixture["state_dict"]
+    assert list(ours) == list(official), f"{CASE}: state_dict keys differ from the official " \
+        f"order: first {next((a, b) for a, b in zip(ours, official) if a != b)}"
+    differ = [k for k in ours if not torch.equal(ours[k], official[k])]
+    assert not differ, f"{CASE}: the recipe (seed 1, std 0.2) gives other weights for {differ}"
+    assert torch.equal(seeded(2, 3, 224, 224, seed=2), fixture["input"]), \
+        f"{CASE}: the input is not seeded(2, 3, 224, 224, seed=2)"
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"], ids=["fast-paths-on", "fast-paths-off"])
@@ -578,6 +589,7 @@ BAD_CONFIG = [
     ("kernel-even", dict(kernel_size=4), r"kernel_size must be an odd positive int"),
     ("focusing_factor", dict(focusing_factor=0), r"focusing_factor must be a finite number"),
     ("img_size", dict(img_size=2), r"below the smallest input, 3x3"),
+    ("embed_dim", dict(embed_dim=0), r"embed_dim must be a positive int, got 0"),
 ]
 
 
