@@ -234,7 +234,7 @@ def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int,
 
 def first_attention_tokens(model: nn.Module, resolution: int) -> int | None:
     """Tokens of a model's first attention stage: its patch embedding's grid, class tokens."""
-    for name in ("patch_embed", "patch_embed1"):
+    for name in ("patch_embed", "patch_embed1", "stage1_conv_embed"):
         embed = getattr(model, name, None)
         if hasattr(embed, "out_size"):
             h, w = embed.out_size(resolution, resolution)

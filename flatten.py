@@ -8,8 +8,8 @@ torch and the Python standard library only: copy this file into your project. To
      module FocusedLinearAttention, whose forward reads like the paper;
   2. comparators: softmax, vanilla linear and L2ViT attention, and official_forward (the
      official code's formulation, op by op);
-  3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT and FLatten-Swin with their
-     softmax counterparts; create_model and list_models;
+  3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT, FLatten-Swin and FLatten-CSwin
+     with their softmax counterparts; create_model and list_models;
   4. checkpoint loading (load_pretrained) of the released official files;
   5. fast paths (optional reading): faster ways to the same function, behind one switch
      (set_fast_path), tested equal to the reference. Sections 1 and 5 stand alone: section 1
@@ -573,7 +573,8 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
 # 3. Backbones
 
 __all__ += ["PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
-            "SwinConfig", "SwinTransformer", "MODELS", "create_model", "list_models"]
+            "SwinConfig", "SwinTransformer", "CSwinConfig", "CSwinTransformer", "MODELS",
+            "create_model", "list_models"]
 
 
 class DropPath(nn.Module):
@@ -1243,11 +1244,313 @@ class SwinTransformer(_Classifier):
 
 
 # -----------------------------------------------------------------------------
+# FLatten-CSwin
+
+
+class CSwinLinearAttention(nn.Module):
+    """The focused linear attention of a FLatten-CSwin block, global over the H x W grid.
+
+    forward(q, k, v, H, W): q, k, v (B, N, C) from the block's qkv -> (B, N, C), before the
+    block's proj. Focused linear attention (positional_encoding on the keys, phi_p with norms
+    over the C channels) plus two terms of the raw values: the DWC (one k x k kernel over the
+    d channels of a head, shared by the heads) and the LePE get_v (3 x 3 depthwise over C).
+    The encoding is learned on grid_size and resampled to any other grid (resample_grid).
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int],
+                 focusing_factor: float = 3, kernel_size: int = 5, normalizer: str = "mean"):
+        super().__init__()
+        grid_size = _check_layer_args(dim, grid_size[0] * grid_size[1], num_heads, 1,
+                                      focusing_factor, kernel_size, grid_size, 0, normalizer)
+        d = dim // num_heads
+        self.num_heads, self.kernel_size, self.grid_size = num_heads, kernel_size, grid_size
+        self.focusing_factor, self.normalizer = float(focusing_factor), normalizer
+        self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.dwc = nn.Conv2d(d, d, kernel_size, padding=kernel_size // 2, groups=d)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], dim))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int,
+                W: int) -> torch.Tensor:
+        B, N, C = q.shape
+        h = self.num_heads
+        k = k + resample_grid(self.positional_encoding, self.grid_size, (H, W))  # on the keys
+        scale = F.softplus(self.scale)                                 # (1, 1, C), learned, > 0
+        q = focus(q, self.focusing_factor, scale)                      # phi_p, norms over all C
+        k = focus(k, self.focusing_factor, scale)
+        qh, kh, vh = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+        out = linear_attention(qh, kh, vh, normalizer=self.normalizer)             # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        image = _image(v, H, W)                                        # (B, C, H, W), raw v
+        weight = self.dwc.weight.repeat(h, 1, 1, 1).to(v.dtype)        # (C, 1, k, k): head-major
+        dwc = F.conv2d(image, weight, self.dwc.bias.repeat(h).to(v.dtype),
+                       padding=self.kernel_size // 2, groups=C)
+        return out + _tokens(dwc) + _tokens(self.get_v(image))
+
+    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
+        """Resample positional_encoding to a new construction grid, in place (the Parameter
+        object and its requires_grad stay)."""
+        _resample_parameter(self.positional_encoding, self.grid_size, grid_size)
+        self.grid_size = grid_size
+
+
+def _stripes(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """(B, Hp, Wp, C) -> (B * stripes, sh * sw, C): stripes row-major, tokens row-major in each."""
+    B, Hp, Wp, C = x.shape
+    x = x.view(B, Hp // sh, sh, Wp // sw, sw, C).transpose(2, 3)
+    return x.reshape(B * (Hp // sh) * (Wp // sw), sh * sw, C)
+
+
+def _unstripes(x: torch.Tensor, sh: int, sw: int, B: int, Hp: int, Wp: int) -> torch.Tensor:
+    C = x.shape[-1]
+    return x.view(B, Hp // sh, Wp // sw, sh, sw, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+
+
+class StripeAttention(nn.Module):
+    """CSWin's softmax attention with LePE in stripes (the official LePEAttention).
+
+    forward(q, k, v, H, W): q, k, v (B, N, C) from the block's qkv -> (B, N, C). The grid is cut
+    into stripes of stripe = (height, width), None for the whole side: (None, s) stripes s wide,
+    (s, None) stripes s high, (None, None) the whole grid. Per stripe and head,
+    softmax(q k^T / sqrt(d)) v plus the LePE get_v(v), a 3 x 3 depthwise conv of the stripe as
+    its own image (zeros past its border). Where s does not divide the grid, q, k and v are
+    zero-padded to a multiple of s (LePE sees zeros past the grid, as at any stripe border) and
+    the padded keys are masked out of the softmax.
+    """
+
+    def __init__(self, dim: int, num_heads: int, stripe: Tuple[Optional[int], Optional[int]],
+                 attn_drop: float = 0.):
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.num_heads, self.stripe = num_heads, stripe
+        self.scale = (dim // num_heads) ** -0.5
+        self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int,
+                W: int) -> torch.Tensor:
+        B, N, C = q.shape
+        h = self.num_heads
+        sh, sw = min(self.stripe[0] or H, H), min(self.stripe[1] or W, W)  # a stripe's sides
+        Hp, Wp = -(-H // sh) * sh, -(-W // sw) * sw                         # the padded grid
+        S, T = (Hp // sh) * (Wp // sw), sh * sw                             # stripes, tokens
+        q, k, v = (_stripes(F.pad(t.reshape(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)), sh, sw)
+                   for t in (q, k, v))                                      # (B*S, T, C)
+        lepe = _tokens(self.get_v(_image(v, sh, sw)))                       # (B*S, T, C)
+        q, k, vh = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))  # (B*S, h, T, d)
+        attn = (q * self.scale) @ k.transpose(-2, -1)                       # (B*S, h, T, T)
+        if (Hp, Wp) != (H, W):
+            pad = torch.ones(1, Hp, Wp, 1, dtype=torch.bool, device=q.device)
+            pad[:, :H, :W] = False
+            pad = _stripes(pad, sh, sw)[:, None, None, :, 0]                # (S, 1, 1, T)
+            attn = attn.view(B, S, h, T, T).masked_fill(pad, float("-inf")).view(B * S, h, T, T)
+        out = self.attn_drop(attn.softmax(dim=-1)) @ vh                     # (B*S, h, T, d)
+        out = out.transpose(1, 2).reshape(B * S, T, C) + lepe
+        return _unstripes(out, sh, sw, B, Hp, Wp)[:, :H, :W].reshape(B, N, C)
+
+
+class CSwinBlock(nn.Module):
+    """A CSwin block: x + proj(attn(qkv(norm1(x)))); x + mlp(norm2(x)).
+
+    One qkv and one proj per block; the attention modules (attns) take slices of q, k and v.
+    attn_type 'L': one focused linear attention on all C channels, global. 'S' in the last stage:
+    one softmax attention on all C channels over the whole grid; 'S' before it: two on C/2
+    channels and half the heads each, attns.0 in stripes split_size wide, attns.1 split_size
+    high, concatenated on the channels (CSWin's cross-shaped window).
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], split_size: int,
+                 mlp_ratio: float, *, attn_type: str, last: bool, qkv_bias: bool, drop: float,
+                 attn_drop: float, drop_path: float, focusing_factor: float, kernel_size: int,
+                 normalizer: str):
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm1 = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        if attn_type == "L":
+            attns = [CSwinLinearAttention(dim, num_heads, grid_size, focusing_factor, kernel_size,
+                                          normalizer)]
+        elif attn_type == "S" and last:
+            attns = [StripeAttention(dim, num_heads, (None, None), attn_drop)]
+        elif attn_type == "S":
+            if num_heads % 2:
+                raise ValueError(f"a stripe stage splits its heads in two: num_heads must be "
+                                 f"even, got {num_heads}")
+            attns = [StripeAttention(dim // 2, num_heads // 2, stripe, attn_drop)
+                     for stripe in ((None, split_size), (split_size, None))]
+        else:
+            raise ValueError(f"attn_type letters must be 'L' or 'S', got {attn_type!r}")
+        self.attns = nn.ModuleList(attns)
+        self.drop_path = DropPath(drop_path)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        qkv = self.qkv(self.norm1(x)).chunk(3, dim=-1)                # q, k, v: (B, N, C)
+        if len(self.attns) == 1:
+            out = self.attns[0](*qkv, H, W)
+        else:                                                # channels [0, C/2) and [C/2, C)
+            halves = [t.chunk(2, dim=-1) for t in qkv]
+            out = torch.cat([attn(*(t[i] for t in halves), H, W)
+                             for i, attn in enumerate(self.attns)], dim=-1)
+        x = x + self.drop_path(self.proj(out))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class ConvStem(nn.Sequential):
+    """CSwin's stem, keys 0 and 2 as in the official code: Conv2d(in, C, 7, stride 4, padding 2),
+    the tokens (index 1, no parameters), LayerNorm. (B, C_in, H, W) -> (B, H'*W', C), H', W'."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(nn.Conv2d(in_chans, dim, 7, stride=4, padding=2), nn.Identity(),
+                         nn.LayerNorm(dim))
+
+    @staticmethod
+    def out_size(H: int, W: int) -> Tuple[int, int]:
+        return (H - 3) // 4 + 1, (W - 3) // 4 + 1
+
+    def forward(self, x: torch.Tensor):
+        x = self[0](x)
+        H, W = x.shape[-2:]
+        return self[2](_tokens(x)), H, W
+
+
+class MergeBlock(nn.Module):
+    """Between CSwin stages: Conv2d(C, C_out, 3, stride 2, padding 1), LayerNorm.
+    (B, H*W, C) -> (B, ceil(H/2) * ceil(W/2), C_out), ceil(H/2), ceil(W/2)."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(dim_out)
+
+    def forward(self, x: torch.Tensor, H: int, W: int):
+        x = self.conv(_image(x, H, W))
+        H, W = x.shape[-2:]
+        return self.norm(_tokens(x)), H, W
+
+
+@dataclass(frozen=True)
+class CSwinConfig:
+    """A CSwin Transformer with focused linear ('L') or stripe softmax ('S') stages, 4 stages.
+
+    split_size is the stripe width of the softmax stages 1-3 (CSWin's 1, 2, 7; 12 in stage 3 of
+    FLatten-CSwin-B at 384). Stage 4 and the linear stages attend over the whole grid at every
+    size (the released configs' la_split_size '56-28-14-7' is the whole grid at 224), so their
+    entries are unused.
+    """
+    img_size: Union[int, Tuple[int, int]] = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 64
+    depths: Tuple[int, ...] = (2, 4, 18, 1)
+    num_heads: Tuple[int, ...] = (2, 4, 8, 16)
+    split_size: Tuple[int, ...] = (1, 2, 7, 7)
+    mlp_ratio: float = 4.
+    attn_type: str = "LLSS"
+    qkv_bias: bool = True
+    drop_rate: float = 0.
+    attn_drop_rate: float = 0.
+    drop_path_rate: float = 0.
+    focusing_factor: float = 3
+    kernel_size: int = 5
+    normalizer: str = "mean"
+
+
+class CSwinTransformer(_Classifier):
+    """FLatten-CSwin and CSWin, with the official state_dict keys.
+
+    A 7 x 7 stride-4 conv stem with LayerNorm, four stages of CSwinBlocks joined by merge1-3
+    (3 x 3 stride-2 conv, LayerNorm), a final LayerNorm, the mean over tokens, head. Runs at any
+    H x W: linear stages resample their positional encodings, stripe stages pad and mask. The
+    branches (and so the keys) do not depend on img_size, so a checkpoint loads at any size.
+    (The official model has one branch in a stage whose grid equals its split size: the same
+    function, as LePE is depthwise and the heads split the channels alike, under other keys.)
+    """
+
+    def __init__(self, cfg: CSwinConfig):
+        super().__init__()
+        for name in ("depths", "num_heads", "split_size"):
+            if len(getattr(cfg, name)) != 4:
+                raise ValueError(f"{name} needs 4 entries (one per stage), "
+                                 f"got {getattr(cfg, name)}")
+        if len(cfg.attn_type) != 4 or set(cfg.attn_type) - set("LS"):
+            raise ValueError(f"attn_type needs 4 letters 'L' or 'S', got {cfg.attn_type!r}")
+        if not all(_is_int(s) and s > 0 for s in cfg.split_size):
+            raise ValueError(f"split_size entries must be positive ints, got {cfg.split_size}")
+        if not _is_int(cfg.embed_dim) or cfg.embed_dim < 1:
+            raise ValueError(f"embed_dim must be a positive int, got {cfg.embed_dim!r}")
+        _check_focusing_factor(cfg.focusing_factor)
+        _check_normalizer(cfg.normalizer)
+        self.cfg = cfg
+        self.num_features = cfg.embed_dim * 8
+        self.stage1_conv_embed = ConvStem(cfg.in_chans, cfg.embed_dim)
+        grid = self.stage1_conv_embed.out_size(*_to_2tuple(cfg.img_size, "img_size"))
+        if min(grid) < 1:
+            raise ValueError(f"img_size {cfg.img_size} is below the smallest input, 3x3")
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        for i in range(4):
+            dim = cfg.embed_dim * 2 ** i
+            if i:
+                setattr(self, f"merge{i}", MergeBlock(dim // 2, dim))
+                grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+            setattr(self, f"stage{i + 1}", nn.ModuleList([
+                CSwinBlock(dim, cfg.num_heads[i], grid, cfg.split_size[i], cfg.mlp_ratio,
+                           attn_type=cfg.attn_type[i], last=i == 3, qkv_bias=cfg.qkv_bias,
+                           drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+                           drop_path=dpr[sum(cfg.depths[:i]) + j],
+                           focusing_factor=cfg.focusing_factor, kernel_size=cfg.kernel_size,
+                           normalizer=cfg.normalizer) for j in range(cfg.depths[i])]))
+        self.norm = nn.LayerNorm(self.num_features)
+        self._make_head(cfg.num_classes)
+        self.apply(_init_weights)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Resample every positional encoding to a new input size, permanently, in place."""
+        grid = self.stage1_conv_embed.out_size(*_to_2tuple(img_size, "img_size"))
+        if min(grid) < 1:
+            raise ValueError(f"img_size {img_size} is below the smallest input, 3x3")
+        for i in range(1, 5):
+            for attn in (a for blk in getattr(self, f"stage{i}") for a in blk.attns):
+                if isinstance(attn, CSwinLinearAttention):
+                    attn.set_grid_size(grid)
+            grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+        self.cfg = replace(self.cfg, img_size=img_size)
+
+    def _stages(self, x: torch.Tensor):
+        """Yield each stage's output tokens (B, H*W, C_i), before the next merge, with H, W."""
+        _check_image(x, self.cfg.in_chans, (3, 3), type(self).__name__)
+        x, H, W = self.stage1_conv_embed(x)
+        for i in range(1, 5):
+            if i > 1:
+                x, H, W = getattr(self, f"merge{i - 1}")(x, H, W)
+            for blk in getattr(self, f"stage{i}"):
+                x = blk(x, H, W)
+            yield x, H, W
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The four stage outputs as feature maps [(B, C_i, H_i, W_i)] for dense prediction."""
+        return [_image(t, H, W) for t, H, W in self._stages(x)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the last stage's normalised tokens (B, N_4, C_4)."""
+        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
+            pass
+        return self.norm(tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
+# -----------------------------------------------------------------------------
 # The models by name: create_model(name, **config overrides)
 
 _PVT_V2_B0 = dict(version=2, embed_dims=(32, 64, 160, 256))
 _PVT_V2 = dict(version=2)
 _SWIN_B = dict(embed_dim=128, num_heads=(4, 8, 16, 32))
+_CSWIN_B = dict(embed_dim=96, num_heads=(4, 8, 16, 32))
 MODELS: Dict[str, Tuple[type, dict]] = {
     "flatten_pvt_tiny": (PVTConfig, dict(depths=(2, 2, 2, 2))),
     "flatten_pvt_small": (PVTConfig, dict(depths=(3, 4, 6, 3))),
@@ -1284,9 +1587,18 @@ MODELS: Dict[str, Tuple[type, dict]] = {
     "swin_tiny": (SwinConfig, dict(depths=(2, 2, 6, 2), attn_type="SSSS")),
     "swin_small": (SwinConfig, dict(depths=(2, 2, 18, 2), attn_type="SSSS")),
     "swin_base": (SwinConfig, dict(_SWIN_B, depths=(2, 2, 18, 2), attn_type="SSSS")),
+    "flatten_cswin_tiny": (CSwinConfig, dict(depths=(2, 4, 18, 1))),
+    "flatten_cswin_small": (CSwinConfig, dict(depths=(2, 4, 32, 2))),
+    "flatten_cswin_base": (CSwinConfig, dict(_CSWIN_B, depths=(3, 6, 29, 2))),
+    "flatten_cswin_base_384": (CSwinConfig, dict(_CSWIN_B, depths=(3, 6, 29, 2), img_size=384,
+                                                 split_size=(1, 2, 12, 12))),
+    # CSWin-T / S / B as published (the FLatten models move blocks between stages)
+    "cswin_tiny": (CSwinConfig, dict(depths=(1, 2, 21, 1), attn_type="SSSS")),
+    "cswin_small": (CSwinConfig, dict(depths=(2, 4, 32, 2), attn_type="SSSS")),
+    "cswin_base": (CSwinConfig, dict(_CSWIN_B, depths=(2, 4, 32, 2), attn_type="SSSS")),
 }
 _FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
-             SwinConfig: SwinTransformer}
+             SwinConfig: SwinTransformer, CSwinConfig: CSwinTransformer}
 
 
 def list_models(pattern: str = "") -> List[str]:
@@ -1487,6 +1799,8 @@ def _table_layout(model: nn.Module, key: str) -> Tuple[int, Tuple[int, int]]:
     """(class tokens, grid) of a position table of `model`."""
     if key.endswith("positional_encoding"):
         layer = model.get_submodule(key.rsplit(".", 1)[0])
+        if isinstance(layer, CSwinLinearAttention):
+            return 0, layer.grid_size
         return layer.num_prefix_tokens, layer.key_grid(*layer.grid_size)
     if isinstance(model, VisionTransformer):
         return 1, model.grid_size

@@ -464,6 +464,25 @@ def test_first_attention_tokens_come_from_the_built_model():
     assert bench.first_attention_tokens(pvt, 64) == 16 * 16, "stage 1 of a PVT: patch 4"
     deit = fl.create_model("deit_tiny", img_size=64, depth=1, num_classes=2)
     assert bench.first_attention_tokens(deit, 64) == 4 * 4 + 1, "patch 16, + class token"
+    cswin = fl.create_model("flatten_cswin_tiny", img_size=64, depths=(1, 1, 1, 1),
+                            num_classes=2)
+    assert bench.first_attention_tokens(cswin, 64) == 16 * 16, "CSwin: 7x7 stride-4 stem"
+
+
+def test_models_takes_the_cswin_pair_and_pairs_flatten_cswin_with_cswin():
+    args = bench.parse_args(["--resolutions", "64", "--sections", "models", "--models",
+                             "flatten_cswin_tiny", "cswin_tiny"])
+    assert args.models == ["flatten_cswin_tiny", "cswin_tiny"], args.models
+    rows = bench.plan(args)
+    ours, softmax = (rows[bench.Case("models", n, n, 64)] for n in args.models)
+    for row, seconds in ((ours, 1.0), (softmax, 3.0)):  # made-up times: the pairing, not speed
+        for cell in row.cells.values():
+            cell.status, cell.times_s = "ok", [seconds]
+    assert bench.ratios(rows, ours)["vs_softmax_fwd"] == (3.0, False), \
+        f"[flatten_cswin_tiny vs cswin_tiny at 64] {bench.ratios(rows, ours)}"
+    assert bench.ratios(rows, softmax)["vs_softmax_fwd"] == (None, False)
+    small = fl.create_model("cswin_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=2)
+    assert bench.model_macs(small, 1, 64) > 0, "[cswin_tiny at 64] no multiply-add count"
 
 
 # -----------------------------------------------------------------------------

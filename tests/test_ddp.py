@@ -1,9 +1,10 @@
-"""Distributed data-parallel training: small FLatten-PVT, FLatten-DeiT and FLatten-Swin models
-train for two SGD steps under torch.nn.parallel.DistributedDataParallel in two CPU processes
-(gloo, over loopback), with find_unused_parameters=False: every parameter takes part in the
-loss (the official training recipe needed find_unused_parameters=True for a parameter it never
-used; these models have none, and DDP raises in the second step if one were left out). Each
-rank sees its own data; afterwards both ranks hold bitwise-identical parameters, and they moved.
+"""Distributed data-parallel training: small FLatten-PVT, FLatten-DeiT, FLatten-Swin and
+FLatten-CSwin models train for two SGD steps under torch.nn.parallel.DistributedDataParallel
+in two CPU processes (gloo, over loopback), with find_unused_parameters=False: every parameter
+takes part in the loss (the official training recipe needed find_unused_parameters=True for a
+parameter it never used; these models have none, and DDP raises in the second step if one were
+left out). Each rank sees its own data; afterwards both ranks hold bitwise-identical
+parameters, and they moved.
 """
 
 import os
@@ -27,7 +28,8 @@ WORLD = 2
 TIMEOUT_S = 120
 
 # The models (create_model name, overrides, input side): small dims, inputs of 32-64 pixels.
-# Swin's window 2 makes stage 3 (4 x 4) shifted and masked.
+# Swin's window 2 makes stage 3 (4 x 4) shifted and masked; CSwin's split 3 pads and masks the
+# stripes of its stage 3 (4 x 4).
 MODELS = {
     "pvt": ("flatten_pvt_tiny", dict(img_size=64, embed_dims=(16, 32, 40, 64),
                                      depths=(1, 1, 1, 1), num_classes=5), 64),
@@ -35,6 +37,9 @@ MODELS = {
                                        num_heads=2, num_classes=5), 32),
     "swin": ("flatten_swin_tiny", dict(img_size=64, embed_dim=16, depths=(2, 2, 2, 2),
                                        num_heads=(1, 2, 4, 8), window_size=2, num_classes=5), 64),
+    "cswin": ("flatten_cswin_tiny", dict(img_size=64, embed_dim=16, depths=(1, 1, 2, 1),
+                                         num_heads=(2, 2, 4, 8), split_size=(1, 2, 3, 7),
+                                         num_classes=5), 64),
 }
 
 # Parameters that a classification loss does not reach: FLatten-DeiT's last DWC acts on the
@@ -134,7 +139,7 @@ def test_ddp_two_ranks_stay_identical(tmp_path):
             f"{sorted(NEVER_TRAINED.get(name, set()))}"
 
 
-@pytest.mark.parametrize("name", ["pvt", "swin", "deit"])
+@pytest.mark.parametrize("name", ["pvt", "swin", "cswin", "deit"])
 def test_every_parameter_reaches_the_loss(name):
     """Every parameter gets a gradient that is not all zeros (DDP's find_unused_parameters only
     catches parameters left out of the graph, not these), but for one documented exception:
