@@ -768,6 +768,16 @@ class _Classifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_rates(cfg) -> None:
+    """A backbone config's dropout rates (drop_rate, attn_drop_rate, drop_path_rate): each a
+    number in [0, 1). At 1 dropout keeps nothing (NaN logits in training); outside [0, 1) torch
+    fails deep inside the first training forward."""
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        r = getattr(cfg, name)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:  # nan too
+            raise ValueError(f"{name} must be a number in [0, 1), got {r!r}")
+
+
 def _resample_parameter(param: nn.Parameter, *args, **kwargs) -> None:
     """resample_grid of a position table, in place: the Parameter object, its requires_grad and
     an optimizer's reference to it stay (build the optimizer afterwards: its state of the old
@@ -832,6 +842,7 @@ class PyramidVisionTransformer(_Classifier):
             raise ValueError(f"attn_type needs 4 letters, got {cfg.attn_type!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dims[-1]
         img_size = _to_2tuple(cfg.img_size, "img_size")
@@ -978,6 +989,7 @@ class VisionTransformer(_Classifier):
             raise ValueError(f"attn_type must be 'L' or 'S', got {cfg.attn_type!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim
         p = cfg.patch_size
@@ -1227,6 +1239,7 @@ class SwinTransformer(_Classifier):
             raise ValueError(f"window_size must be a positive int, got {cfg.window_size!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim * 2 ** (n - 1)
         p = cfg.patch_size

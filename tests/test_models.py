@@ -368,6 +368,33 @@ def test_create_model_rejects_an_invalid_normalizer(name, value):
     assert repr(value) in str(err.value), f"[{name} normalizer={value!r}]: {err.value}"
 
 
+RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+RATE_FAMILIES = {"flatten_pvt_tiny": {"depths": (1, 1, 1, 1)},          # PVTConfig
+                 "flatten_deit_tiny": {"depth": 1},                     # DeiTConfig
+                 "flatten_swin_tiny": {"depths": (1, 1, 1, 1)}}        # SwinConfig
+
+
+@pytest.mark.parametrize("name", list(RATE_FAMILIES))
+@pytest.mark.parametrize("field", RATES)
+@pytest.mark.parametrize("value", [1.0, 2.0, -0.5, float("nan"), float("inf"), True, "0.1", None])
+def test_rates_outside_0_1_raise_at_construction(name, field, value):
+    """drop_path_rate=1.0 used to give all-NaN logits in training; 2.0 or -0.5 failed deep inside
+    bernoulli_ at the first training forward: now a ValueError when the model is built."""
+    with pytest.raises(ValueError, match=rf"{field} must be a number in \[0, 1\)") as err:
+        fl.create_model(name, **{field: value}, **RATE_FAMILIES[name])
+    assert repr(value) in str(err.value), f"[{name} {field}={value!r}]: {err.value}"
+
+
+@pytest.mark.parametrize("name", list(RATE_FAMILIES))
+def test_rates_inside_0_1_train(name):
+    torch.manual_seed(0)
+    m = fl.create_model(name, num_classes=3, drop_rate=0, attn_drop_rate=0.5,
+                        drop_path_rate=0.99, **RATE_FAMILIES[name]).train()
+    out = m(seeded(2, 3, 64, 64, seed=3))
+    assert out.shape == (2, 3) and torch.isfinite(out).all(), \
+        f"[{name} attn_drop_rate=0.5 drop_path_rate=0.99, input 2x3x64x64 seed=3]: {out}"
+
+
 # -----------------------------------------------------------------------------
 # Precision
 
