@@ -1431,6 +1431,9 @@ def _torch_load(path: Union[str, os.PathLike]) -> object:
     the tensors come out and nothing from the file runs. Anything that is not a checkpoint, or
     pickles a function or class of the standard library, raises one ValueError naming the file.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; expected the path of a checkpoint file "
+                                "(one saved with torch.save) inside it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     names: set = set()
@@ -1447,9 +1450,9 @@ def _torch_load(path: Union[str, os.PathLike]) -> object:
                 raise ValueError(f"refused to load {path}: it pickles {', '.join(refused)}, "
                                  "which can run code; expected tensors and plain data") from None
             if not new:
-                raise ValueError(f"{path} is not a checkpoint this torch can read "
-                                 f"({type(err).__name__}: {_first_line(err)}); expected a file "
-                                 "saved with torch.save") from err
+                raise ValueError(f"{path} is not a checkpoint this torch can read"
+                                 f"{_damage(path, err)}; expected a file saved with torch.save "
+                                 f"(torch.load: {type(err).__name__}: {_reason(err)})") from err
             names |= new
     raise ValueError(f"{path}: too many pickled classes besides tensors")
 
@@ -1458,9 +1461,30 @@ def _is_unpickling(err: Exception) -> bool:
     return isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower()
 
 
-def _first_line(err: Exception) -> str:
+def _reason(err: Exception) -> str:
+    """The first line of err's message; a long one cut after its last whole sentence."""
     lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else "no message"
+    if not lines:
+        return "no message"
+    sentences = re.split(r"(?<=\.)\s+", lines[0])
+    kept = sentences[0]
+    for s in sentences[1:]:
+        if len(kept) + 1 + len(s) > 240:
+            break
+        kept += " " + s
+    return kept
+
+
+def _damage(path, err: Exception) -> str:
+    """What can be told from the file itself: empty, or ending early (truncated, corrupted)."""
+    if os.path.getsize(path) == 0:
+        return ": the file is empty"
+    with open(path, "rb") as f:
+        zip_start = f.read(4) == b"PK\x03\x04"
+    if (zip_start and not zipfile.is_zipfile(path)) or isinstance(err, EOFError) \
+            or "unexpected EOF" in str(err):
+        return ": the file ends early, truncated or corrupted (an interrupted download or copy?)"
+    return ""
 
 
 def _unwrap(checkpoint, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
@@ -1479,6 +1503,20 @@ def _unwrap(checkpoint, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _describe(obj) -> Tuple[str, str]:
+    """What a wrong `checkpoint` argument is, and a hint, for the error message."""
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}", ""
+    if isinstance(obj, nn.Module):
+        return f"a module ({type(obj).__name__})", ": pass its state_dict()"
+    if hasattr(obj, "read"):
+        name = getattr(obj, "name", None)
+        return f"an open file object ({type(obj).__name__})", \
+            f": pass its path, {name!r}" if isinstance(name, str) else \
+            ": pass the dict that torch.load(f, weights_only=True) returns"
+    return f"{obj!r:.60} (of type {type(obj).__name__})", ""
 
 
 def _square_grid(rows: int, key: str) -> Tuple[int, int]:
@@ -1560,8 +1598,15 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
     A path is read with torch.load(weights_only=True): no pickled code runs (see _torch_load for
     the config objects of the released files). Unwraps 'model' / 'state_dict' containers and a
     'module.' prefix, adapts keys and sizes with checkpoint_filter_fn, then loads. Any key still
-    missing, unexpected or of another shape raises one ValueError that lists them all.
+    missing, unexpected or of another shape raises one ValueError that lists them all. A missing
+    path raises FileNotFoundError, a directory IsADirectoryError, an unreadable (empty,
+    truncated) file or a checkpoint that is neither a path nor a dict a ValueError.
     """
+    if not isinstance(checkpoint, (dict, str, os.PathLike)):
+        given, hint = _describe(checkpoint)
+        raise ValueError(f"checkpoint is {given}; expected the path of a checkpoint file (a str "
+                         "or os.PathLike) or a state dict (a dict of tensors, or a dict holding "
+                         f"one under 'model', 'state_dict' or 'model_ema'){hint}")
     source = "the checkpoint dict"
     if not isinstance(checkpoint, dict):
         source = str(checkpoint)
