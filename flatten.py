@@ -1723,13 +1723,43 @@ def _forward_train(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: in
     return layer.proj_drop(layer.proj(out))
 
 
+_TWICE = ("the fast path's hand-written backward passes cannot be differentiated twice (a "
+          "gradient penalty, or any torch.autograd.grad(..., create_graph=True) differentiated "
+          "again); they run in training and whenever the input requires grad. Call "
+          "flatten.set_fast_path(\"off\") first: the reference forward is twice differentiable")
+
+
 def _once_differentiable(backward):
     """For autograd.Function.backward: autocast off (the pass computes in the dtypes it chose),
-    and a second derivative refused with PyTorch's "differentiate twice" error."""
+    no graph of the pass itself, and a second derivative refused with an error naming
+    set_fast_path("off"). Under create_graph=True the gradients pass through
+    _NotTwiceDifferentiable joined to g and to the saved tensors that require grad, so that the
+    refusal also holds when g needs no grad but the inputs do (a penalty on d out / d x)."""
     def wrapped(ctx, g):
-        with _autocast_off(g.device.type):
-            return backward(ctx, g)
-    return torch.autograd.function.once_differentiable(wrapped)
+        with torch.no_grad(), _autocast_off(g.device.type):
+            grads = backward(ctx, g)
+        if not torch.is_grad_enabled():   # create_graph=False: the usual backward
+            return grads
+        links = [t for t in (g, *ctx.saved_tensors) if t is not None and t.requires_grad]
+        if not links:
+            return grads
+        out = iter(_NotTwiceDifferentiable.apply(sum(t is not None for t in grads),
+                                                 *(t for t in grads if t is not None), *links))
+        return tuple(None if t is None else next(out) for t in grads)
+    return wrapped
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """The first n inputs (gradients of a hand-written backward) passed through; the others
+    only link the node into the graph. Differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_TWICE)
 
 
 class _Focus(torch.autograd.Function):
