@@ -1505,6 +1505,34 @@ def _unwrap(checkpoint, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
     return sd
 
 
+# Keys the official training script saves next to 'model' (with 'optimizer', 'lr_scheduler' and
+# 'epoch'), which the released files therefore hold; a plain state dict has none of them.
+_OFFICIAL_TRAINING_KEYS = ("config", "max_accuracy")
+
+
+def _warn_released_with_mean(checkpoint: dict, model: nn.Module, source: str) -> None:
+    """One UserWarning when a released official checkpoint goes into focused linear layers with
+    the mean normaliser: the released files were trained with the sum one.
+
+    A heuristic: the released files are the official training script's checkpoints, the weights
+    under 'model' next to 'config' or 'max_accuracy'. A state dict, or weights under 'model'
+    without those keys (what most training loops save), loads without a warning; a checkpoint
+    of the official script trained with normalizer="mean" warns wrongly (filter the warning).
+    """
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) or \
+            not any(k in checkpoint for k in _OFFICIAL_TRAINING_KEYS):
+        return
+    mean = [name for name, m in model.named_modules() if getattr(m, "normalizer", None) == "mean"]
+    if mean:
+        keys = " and ".join(repr(k) for k in _OFFICIAL_TRAINING_KEYS if k in checkpoint)
+        warnings.warn(f"{source} looks like a released official checkpoint (weights under 'model' "
+                      f"next to {keys}), which were trained with normalizer=\"sum\", but "
+                      f"{len(mean)} focused linear layers of {type(model).__name__} use "
+                      "normalizer=\"mean\": build the model with normalizer=\"sum\", e.g. "
+                      "create_model(name, normalizer=\"sum\", checkpoint=path)", UserWarning,
+                      stacklevel=3)
+
+
 def _describe(obj) -> Tuple[str, str]:
     """What a wrong `checkpoint` argument is, and a hint, for the error message."""
     if isinstance(obj, torch.Tensor):
@@ -1598,7 +1626,9 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
     A path is read with torch.load(weights_only=True): no pickled code runs (see _torch_load for
     the config objects of the released files). Unwraps 'model' / 'state_dict' containers and a
     'module.' prefix, adapts keys and sizes with checkpoint_filter_fn, then loads. Any key still
-    missing, unexpected or of another shape raises one ValueError that lists them all. A missing
+    missing, unexpected or of another shape raises one ValueError that lists them all. A released
+    official file loaded into focused linear layers with normalizer="mean" warns (see
+    _warn_released_with_mean). A missing
     path raises FileNotFoundError, a directory IsADirectoryError, an unreadable (empty,
     truncated) file or a checkpoint that is neither a path nor a dict a ValueError.
     """
@@ -1611,6 +1641,7 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
     if not isinstance(checkpoint, dict):
         source = str(checkpoint)
         checkpoint = _torch_load(checkpoint)
+    _warn_released_with_mean(checkpoint, model, source)
     sd = checkpoint_filter_fn(_unwrap(checkpoint, source), model)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))

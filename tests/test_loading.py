@@ -10,6 +10,7 @@ import pickle
 import re
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -74,12 +75,14 @@ def test_official_like_file_loads_without_running_pickled_code(official_like_che
         torch.load(path, weights_only=True)  # what users hit with the released files
     x = seeded(1, 3, 64, 64)
     for how in ("load_pretrained", "create_model"):
-        if how == "load_pretrained":
-            m = small_pvt()
-            fl.load_pretrained(m, path)
-        else:
-            m = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1),
-                                num_classes=4, checkpoint=path)
+        # the file looks released (a 'config' next to 'model') and the model has normalizer="mean"
+        with pytest.warns(UserWarning, match='normalizer="sum"'):
+            if how == "load_pretrained":
+                m = small_pvt()
+                fl.load_pretrained(m, path)
+            else:
+                m = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1),
+                                    num_classes=4, checkpoint=path)
         with torch.no_grad():
             assert torch.equal(m.eval()(x), model(x)), \
                 f"[{fmt} file, {how}, input 1x3x64x64 seed=0]: outputs differ from the saved " \
@@ -87,6 +90,50 @@ def test_official_like_file_loads_without_running_pickled_code(official_like_che
     assert module_name not in sys.modules, f"[{fmt} file]: loading imported {module_name}"
 
 
+# The released files were trained with normalizer="sum": loading one into "mean" layers warns
+
+RELEASED_EXTRAS = {"config": {"MODEL": {"TYPE": "flatten_pvt"}}, "max_accuracy": 77.8,
+                   "epoch": 299, "optimizer": {"state": {}, "param_groups": []}}
+
+
+@pytest.mark.parametrize("name", ["flatten_pvt_tiny", "flatten_swin_tiny"])
+@pytest.mark.parametrize("as_file", [False, True], ids=["dict", "file"])
+def test_released_checkpoint_into_mean_layers_warns_once(tmp_path, name, as_file):
+    src = fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4)
+    ckpt = {"model": official_like_state_dict(src), **RELEASED_EXTRAS}
+    if as_file:
+        torch.save(ckpt, tmp_path / "released.pth")
+        ckpt = tmp_path / "released.pth"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4, checkpoint=ckpt)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    case = f"[{name}, released-style checkpoint {'file' if as_file else 'dict'}, mean layers]"
+    assert len(msgs) == 1, f"{case}: {len(msgs)} warnings, expected one: {msgs}"
+    assert 'normalizer="sum"' in msgs[0] and 'normalizer="mean"' in msgs[0], f"{case}: {msgs[0]}"
+
+
+NO_WARNING = {  # what is loaded, into a model with which normaliser
+    "state-dict": (lambda sd: sd, "mean"),
+    "own-training-loop": (lambda sd: {"model": sd, "epoch": 3, "optimizer": {}}, "mean"),
+    "released-into-sum": (lambda sd: {"model": sd, **RELEASED_EXTRAS}, "sum"),
+    "released-into-softmax": (lambda sd: {"model": sd, **RELEASED_EXTRAS}, None),
+}
+
+
+@pytest.mark.parametrize("kind", list(NO_WARNING))
+def test_no_normalizer_warning_otherwise(kind):
+    wrap, normalizer = NO_WARNING[kind]
+    name = "pvt_tiny" if normalizer is None else "flatten_pvt_tiny"
+    kw = {"depths": (1, 1, 1, 1), "num_classes": 4, "normalizer": normalizer or "mean"}
+    sd = official_like_state_dict(fl.create_model(name, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fl.create_model(name, checkpoint=wrap(sd), **kw)
+
+
+# -----------------------------------------------------------------------------
+# Files that pickle code: refused, and nothing from them runs
 # -----------------------------------------------------------------------------
 # Files that pickle code: refused, and nothing from them runs
 

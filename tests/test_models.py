@@ -526,6 +526,33 @@ def test_compile_inductor():
 
 
 @pytest.mark.slow
+def test_compile_recompiles_where_the_readme_says():
+    """README, torch.compile: the second size recompiles with dynamic sizes, later sizes reuse
+    that graph, but the size the model was built for (position tables used as they are) and
+    train mode compile graphs of their own. FLatten-PVTv2-b0 built at 64, sizes small enough
+    to stay below torch's convolution thresholds; graphs counted by the backend."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    m = fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), num_classes=3, img_size=64)
+    compiled = torch.compile(m.eval(), backend=counting_backend)
+    expected = [((72, 72), 1), ((88, 88), 2), ((80, 96), 2), ((64, 64), 3), ((72, 72), 3)]
+    for (H, W), count in expected:
+        with torch.no_grad():
+            compiled(seeded(1, 3, H, W, seed=H))
+        assert len(graphs) == count, f"[input 1x3x{H}x{W} seed={H}] {len(graphs)} graphs, " \
+            f"expected {count} (sizes so far {[s for s, _ in expected]})"
+    m.train()
+    with torch.no_grad():
+        compiled(seeded(1, 3, 80, 80, seed=80))
+    assert len(graphs) == 4, f"[train mode, input 1x3x80x80 seed=80] {len(graphs)} graphs"
+
+
+@pytest.mark.slow
 def test_compile_at_two_sizes_in_training_and_inference():
     """torch.compile with its defaults, called at a second size as multi-scale training does:
     the recompile makes H and W dynamic, where inductor's channels-last depthwise convolution
