@@ -987,7 +987,6 @@ def make_plot(data: dict):
     method's colour along the panel's foot at its token count (x fwd, + fwd+bwd); cells not run
     (an interrupted run) are counted in the title. A shape with nothing to show has no panels."""
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
     colours = {m: f"C{k}" for k, m in enumerate(dict.fromkeys(d["method"] for d in data["layers"]))}
     shown: dict[str, list[dict]] = {}
     for d in data["layers"]:
@@ -1010,7 +1009,7 @@ def make_plot(data: dict):
     for (ax_t, ax_m), (shape_name, sel) in zip(axes, shown.items()):
         for ax, key, ylabel in ((ax_t, "median_ms", "ms per call (median)"),
                                 (ax_m, "peak_mib", "peak MiB above baseline")):
-            handles.update(_plot_panel(ax, sel, key, colours, Line2D))
+            handles.update(_plot_panel(ax, sel, key, colours))
             ax.set_title(SHAPES[shape_name].title, fontsize=9)
             ax.set(xlabel="tokens N", ylabel=ylabel)
     fig.suptitle(title, fontsize=9)
@@ -1021,10 +1020,11 @@ def make_plot(data: dict):
     return fig
 
 
-def _plot_panel(ax, sel: list[dict], key: str, colours: dict, Line2D) -> dict:
+def _plot_panel(ax, sel: list[dict], key: str, colours: dict) -> dict:
     """One panel: each method's measured cells as lines, its missing ones as marks in rows
     along the foot; returns the legend handles by label."""
     import matplotlib.ticker
+    from matplotlib.lines import Line2D
     values, marks, handles, missing = [], [], {}, set()
     for method in dict.fromkeys(d["method"] for d in sel):
         line = sorted((d for d in sel if d["method"] == method), key=lambda d: d["tokens"])
