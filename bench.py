@@ -23,12 +23,14 @@ import importlib.machinery
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import random
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,19 @@ SHAPES = {"deit": LayerShape("deit", "DeiT-T layer (patch 16, C 192, 3 heads, + 
                              16, 192, 3, 1),
           "pvt": LayerShape("pvt", "FLatten-PVT stage-1 layer (patch 4, C 64, 1 head)",
                             4, 64, 1, 0)}
+METHOD_HELP = {  # --help: what each layer method runs
+    "sdpa": "softmax attention through F.scaled_dot_product_attention (the row names the "
+            "backend that ran)",
+    "explicit": "softmax attention with the explicit N x N matrix",
+    "ours": "focused linear attention, flatten.FocusedLinearAttention with its fast paths",
+    "ours-torch": 'ours with set_fast_path("torch"): no Triton kernels (differs from ours only '
+                  "on CUDA with Triton)",
+    "reference": 'ours with set_fast_path("off"): the plain reference forward',
+    "baseline": "the FocusedLinearAttention of another copy of flatten.py (--baseline FILE), "
+                "with ours' weights",
+    "official": "the official code's formulation (flatten.official_forward), with ours' weights",
+    "vanilla": "vanilla linear attention: ReLU kernel, no focusing, no DWC",
+    "l2vit": "L^2ViT's linear attention with its local concentration module (LCM)"}
 METHODS = {"sdpa": "softmax, SDPA", "explicit": "softmax, explicit NxN",
            "ours": "focused linear (ours)", "ours-torch": "focused linear (ours), no Triton",
            "reference": "focused linear (ours), reference forward",
@@ -774,6 +789,18 @@ def _notes(rows: Sequence[Row]) -> list[str]:
     return ["Not measured:", *notes] if notes else []
 
 
+def summary_line(rows: dict[Case, Row], elapsed: float, interrupted: bool) -> str:
+    """The last line: how many cells were measured, and what became of the others."""
+    status = collections.Counter(m.status for row in rows.values() for m in row.cells.values())
+    total = sum(status.values())
+    words = {"skipped": "skipped", "oom": "out of memory", "error": "failed",
+             "interrupted": "not run (interrupted)", "pending": "not run"}
+    rest = [f"{status[s]} {w}" for s, w in words.items() if status[s]]
+    line = f"{status['ok']} of {total} cells measured in {elapsed:.0f} s"
+    return line + (f"; {', '.join(rest)}" if rest else "") + \
+        ("; the run was interrupted" if interrupted and not status["interrupted"] else "")
+
+
 def header_line(facts: dict) -> str:
     return (f"device: {facts['device_name']} ({facts['device']}) | torch {facts['torch']} | "
             f"dtype {facts['dtype']} | threads {facts['threads']} | "
@@ -928,42 +955,134 @@ def write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=1)
 
 
+NOT_MEASURED = {"skipped": "skipped", "oom": "OOM", "error": "error"}  # marked in the plot
+MODE_MARKS = {"fwd": ("-", "x"), "fwdbwd": ("--", "+")}  # line style, mark of a missing cell
+
+
 def write_plot(path: str, data: dict) -> None:
-    """Time and peak memory against tokens per layer shape; fwd solid, fwd+bwd dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    shapes = list(dict.fromkeys(d["shape"] for d in data["layers"]))
-    if not shapes:
-        return
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4.2 * len(shapes)), squeeze=False)
-    for (ax_t, ax_m), shape_name in zip(axes, shapes):
-        sel = [d for d in data["layers"] if d["shape"] == shape_name]
-        for k, method in enumerate(dict.fromkeys(d["method"] for d in sel)):
-            line = sorted((d for d in sel if d["method"] == method), key=lambda d: d["tokens"])
-            for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
-                pts = [(d["tokens"], d[mode]) for d in line if d[mode]["status"] == "ok"]
-                kw = {"marker": "o", "color": f"C{k}", "label": line[0]["label"] * (mode == "fwd")}
-                if pts:
-                    ax_t.plot([n for n, _ in pts], [m["median_ms"] for _, m in pts], style, **kw)
-                if mem := [(n, m["peak_mib"]) for n, m in pts if m["peak_mib"]]:
-                    ax_m.plot([n for n, _ in mem], [v for _, v in mem], style, **kw)
-        tokens = sorted({d["tokens"] for d in sel})
-        for ax, ylabel in ((ax_t, "ms per call (median)"), (ax_m, "peak MiB above baseline")):
-            ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=ylabel)
-            ax.set_xticks(tokens, [f"{n:,}" for n in tokens])  # the measured token counts
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig = make_plot(data)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def make_plot(data: dict):
+    """A figure of time and peak memory against tokens per layer shape, of the measured cells
+    only: fwd solid, fwd+bwd dashed. A cell skipped, out of memory or failed is a mark in its
+    method's colour along the panel's foot at its token count (x fwd, + fwd+bwd); cells not run
+    (an interrupted run) are counted in the title. A shape with nothing to show has no panels."""
+    import matplotlib.pyplot as plt
+    colours = {m: f"C{k}" for k, m in enumerate(dict.fromkeys(d["method"] for d in data["layers"]))}
+    shown: dict[str, list[dict]] = {}
+    for d in data["layers"]:
+        if any(d[mode]["status"] == "ok" or d[mode]["status"] in NOT_MEASURED
+               for mode in LAYER_MODES):
+            shown.setdefault(d["shape"], []).append(d)
+    status = [d[mode]["status"] for d in data["layers"] for mode in LAYER_MODES]
+    not_run = sum(s not in ("ok", *NOT_MEASURED) for s in status)
+    missing = f"{not_run} of {len(status)} cells not run" + \
+        (" (interrupted)" if data["interrupted"] else "") if not_run else ""
+    if not shown:
+        fig = plt.figure(figsize=(8, 2))
+        fig.text(0.5, 0.5, f"{header_line(data['header'])}\n{missing}\n\nno layer cell was "
+                 "measured", ha="center", va="center", fontsize=9)
+        return fig
+    title = header_line(data["header"]) + "\nsolid: forward, dashed: forward+backward" + \
+        (f"; {missing}" if missing else "")
+    fig, axes = plt.subplots(len(shown), 2, figsize=(11, 4.2 * len(shown) + 0.8), squeeze=False)
+    handles: dict[str, object] = {}  # one legend for the figure: a method has one colour
+    for (ax_t, ax_m), (shape_name, sel) in zip(axes, shown.items()):
+        for ax, key, ylabel in ((ax_t, "median_ms", "ms per call (median)"),
+                                (ax_m, "peak_mib", "peak MiB above baseline")):
+            handles.update(_plot_panel(ax, sel, key, colours))
             ax.set_title(SHAPES[shape_name].title, fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-        ax_t.legend(fontsize=8)
-    fig.suptitle(header_line(data["header"]) + "\nsolid: forward, dashed: forward+backward",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            ax.set(xlabel="tokens N", ylabel=ylabel)
+    fig.suptitle(title, fontsize=9)
+    foot = 0.8 / fig.get_figheight()  # the legend's strip under the panels
+    fig.legend(handles=list(handles.values()), loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, foot, 1, 1))
+    return fig
+
+
+def _plot_panel(ax, sel: list[dict], key: str, colours: dict) -> dict:
+    """One panel: each method's measured cells as lines, its missing ones as marks in rows
+    along the foot; returns the legend handles by label."""
+    import matplotlib.ticker
+    from matplotlib.lines import Line2D
+    values, marks, handles, missing = [], [], {}, set()
+    for method in dict.fromkeys(d["method"] for d in sel):
+        line = sorted((d for d in sel if d["method"] == method), key=lambda d: d["tokens"])
+        colour, row = colours[method], len({m[3] for m in marks})
+        for mode, (style, mark) in MODE_MARKS.items():
+            pts = [(d["tokens"], d[mode][key]) for d in line
+                   if d[mode]["status"] == "ok" and d[mode][key]]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=colour)
+                values += pts
+            for d in (d for d in line if d[mode]["status"] in NOT_MEASURED):
+                # fwd just left of the token count, fwd+bwd just right
+                marks.append((d["tokens"], d["tokens"] * (0.95 if mode == "fwd" else 1.05),
+                              mark, row, colour))
+                missing.add(mode)
+        label = line[0]["label"]
+        handles[label] = Line2D([], [], color=colour, marker="o", label=label)
+    rows = len({m[3] for m in marks})
+    foot = 0.04 + 0.06 * rows if marks else 0.0  # the axes fraction the marks take
+    for _, x, mark, row, colour in marks:  # x: data, y: axes fraction
+        ax.plot(x, 0.04 + 0.06 * (rows - 1 - row), mark, color=colour, markersize=8,
+                markeredgewidth=2, transform=ax.get_xaxis_transform())
+    for mode in (mode for mode in LAYER_MODES if mode in missing):
+        label = f"{MODE_TITLES[mode]} not measured ({', '.join(NOT_MEASURED.values())})"
+        handles[label] = Line2D([], [], color="grey", marker=MODE_MARKS[mode][1], ls="",
+                                markeredgewidth=2, label=label)
+    tokens = sorted({n for n, _ in values} | {m[0] for m in marks})
+    ax.set_xscale("log")
+    ax.set_xlim(tokens[0] / 1.25, tokens[-1] * 1.25)
+    ax.set_xticks(tokens, [f"{n:,}" for n in tokens])  # the token counts shown
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if values:
+        _log_y(ax, [v for _, v in values], foot)
+    else:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(True, which="both", alpha=0.3)
+    return handles
+
+
+def _nice(v: float, up: bool) -> float:
+    """The nearest 1, 2 or 5 times a power of ten at or above (up) or at or below v."""
+    e = math.floor(math.log10(v))
+    steps = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 2, 5)]
+    return min(x for x in steps if x >= v * (1 - 1e-9)) if up else \
+        max(x for x in steps if x <= v * (1 + 1e-9))
+
+
+def _log_y(ax, values: list[float], foot: float) -> None:
+    """A log y axis labelled in plain numbers however short its range: limits at the 1-2-5
+    numbers around the values (the lower one further down by `foot`, the axes fraction kept
+    free for marks); decades labelled, and below two decades 2x and 5x, below one 2x to 9x."""
+    import matplotlib.ticker as ticker
+    lo, hi = _nice(min(values), up=False), _nice(max(values), up=True)
+    if lo == hi:
+        lo, hi = _nice(lo * 0.99, up=False), _nice(hi * 1.01, up=True)
+    span = math.log10(hi / lo)
+    lo, hi = lo / 10 ** (0.04 * span), hi * 10 ** (0.04 * span)  # values at a limit stay in view
+    lo /= 10 ** (1.08 * span * foot / (1 - foot))
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if span >= 2:
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        return
+    subs = (2.0, 5.0) if span >= 1 else tuple(float(m) for m in range(2, 10))
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=subs))
+    ax.yaxis.set_minor_formatter(plain)
 
 
 # =============================================================================
@@ -998,10 +1117,28 @@ def load_average() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default once, after its help: "(default: 224 512 1024)"; none where the help
+    says it in its own words, or where there is none (None, a switch). The epilog as written."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if "(default" in text or default is None or default is False \
+                or default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                description="Time, peak memory and MACs of focused linear attention against "
-                "softmax attention, layers and models; docs/benchmark.md.")
+    width = max(map(len, METHOD_HELP))
+    methods = [textwrap.fill(text, 78, initial_indent=f"  {name:<{width}}  ",
+                             subsequent_indent=" " * (width + 4))
+               for name, text in METHOD_HELP.items()]
+    p = _Parser(prog="bench.py", formatter_class=_HelpFormatter,
+                description="Time, peak memory and MACs of focused linear attention against\n"
+                "softmax attention, layers and models; docs/benchmark.md says how.",
+                epilog="layer methods (--methods):\n" + "\n".join(methods))
     add, positive = p.add_argument, _number(int, "a positive whole number", 1)
     seconds = _number(float, "a number of seconds >= 0", 0)
     add("--resolutions", nargs="+", default=[224, 512, 1024], metavar="R",
@@ -1016,7 +1153,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="attention layers, whole models")
     add("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
         help="layer shapes: deit (DeiT-T layer), pvt (FLatten-PVT stage 1)")
-    add("--methods", nargs="+", choices=list(METHODS), help="layer methods (default: all but "
+    add("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+        help=f"layer methods, of {', '.join(METHODS)}, each explained below (default: all but "
         "reference and baseline; ours-torch only on CUDA with Triton)")
     add("--baseline", metavar="FILE", help="another copy of flatten.py: adds the method "
         "baseline, its FocusedLinearAttention with ours' weights")
@@ -1283,7 +1421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = measurer.elapsed()
     facts["load_average_1min_end"] = load_average()
     print(render(rows, facts, args.table_format, args.details))
-    print(f"\n{cells} cells in {elapsed:.0f} s" + (" (interrupted)" if interrupted else ""))
+    print("\n" + summary_line(rows, elapsed, interrupted))
     written = save_outputs(args, rows, facts, interrupted, elapsed, log)
     return 130 if interrupted else 0 if written else 1
 

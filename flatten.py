@@ -726,6 +726,16 @@ class _Classifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_rates(cfg) -> None:
+    """A backbone config's dropout rates (drop_rate, attn_drop_rate, drop_path_rate): each a
+    number in [0, 1). At 1 dropout keeps nothing (NaN logits in training); outside [0, 1) torch
+    fails deep inside the first training forward."""
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        r = getattr(cfg, name)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:  # nan too
+            raise ValueError(f"{name} must be a number in [0, 1), got {r!r}")
+
+
 # -----------------------------------------------------------------------------
 # FLatten-PVT and FLatten-PVTv2
 
@@ -782,6 +792,7 @@ class PyramidVisionTransformer(_Classifier):
             raise ValueError(f"attn_type needs 4 letters, got {cfg.attn_type!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dims[-1]
         img_size = _to_2tuple(cfg.img_size, "img_size")
@@ -928,6 +939,7 @@ class VisionTransformer(_Classifier):
             raise ValueError(f"attn_type must be 'L' or 'S', got {cfg.attn_type!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim
         p = cfg.patch_size
@@ -1179,6 +1191,7 @@ class SwinTransformer(_Classifier):
             raise ValueError(f"window_size must be a positive int, got {cfg.window_size!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim * 2 ** (n - 1)
         p = cfg.patch_size
@@ -1483,6 +1496,7 @@ class CSwinTransformer(_Classifier):
             raise ValueError(f"embed_dim must be a positive int, got {cfg.embed_dim!r}")
         _check_focusing_factor(cfg.focusing_factor)
         _check_normalizer(cfg.normalizer)
+        _check_rates(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim * 8
         self.stage1_conv_embed = ConvStem(cfg.in_chans, cfg.embed_dim)
@@ -1683,6 +1697,9 @@ def _torch_load(path: Union[str, os.PathLike]) -> object:
     the tensors come out and nothing from the file runs. Anything that is not a checkpoint, or
     pickles a function or class of the standard library, raises one ValueError naming the file.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; expected the path of a checkpoint file "
+                                "(one saved with torch.save) inside it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     names: set = set()
@@ -1699,9 +1716,9 @@ def _torch_load(path: Union[str, os.PathLike]) -> object:
                 raise ValueError(f"refused to load {path}: it pickles {', '.join(refused)}, "
                                  "which can run code; expected tensors and plain data") from None
             if not new:
-                raise ValueError(f"{path} is not a checkpoint this torch can read "
-                                 f"({type(err).__name__}: {_first_line(err)}); expected a file "
-                                 "saved with torch.save") from err
+                raise ValueError(f"{path} is not a checkpoint this torch can read"
+                                 f"{_damage(path, err)}; expected a file saved with torch.save "
+                                 f"(torch.load: {type(err).__name__}: {_reason(err)})") from err
             names |= new
     raise ValueError(f"{path}: too many pickled classes besides tensors")
 
@@ -1710,9 +1727,30 @@ def _is_unpickling(err: Exception) -> bool:
     return isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower()
 
 
-def _first_line(err: Exception) -> str:
+def _reason(err: Exception) -> str:
+    """The first line of err's message; a long one cut after its last whole sentence."""
     lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else "no message"
+    if not lines:
+        return "no message"
+    sentences = re.split(r"(?<=\.)\s+", lines[0])
+    kept = sentences[0]
+    for s in sentences[1:]:
+        if len(kept) + 1 + len(s) > 240:
+            break
+        kept += " " + s
+    return kept
+
+
+def _damage(path, err: Exception) -> str:
+    """What can be told from the file itself: empty, or ending early (truncated, corrupted)."""
+    if os.path.getsize(path) == 0:
+        return ": the file is empty"
+    with open(path, "rb") as f:
+        zip_start = f.read(4) == b"PK\x03\x04"
+    if (zip_start and not zipfile.is_zipfile(path)) or isinstance(err, EOFError) \
+            or "unexpected EOF" in str(err):
+        return ": the file ends early, truncated or corrupted (an interrupted download or copy?)"
+    return ""
 
 
 def _unwrap(checkpoint, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
@@ -1731,6 +1769,48 @@ def _unwrap(checkpoint, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+# Keys the official training script saves next to 'model' (with 'optimizer', 'lr_scheduler' and
+# 'epoch'), which the released files therefore hold; a plain state dict has none of them.
+_OFFICIAL_TRAINING_KEYS = ("config", "max_accuracy")
+
+
+def _warn_released_with_mean(checkpoint: dict, model: nn.Module, source: str) -> None:
+    """One UserWarning when a released official checkpoint goes into focused linear layers with
+    the mean normaliser: the released files were trained with the sum one.
+
+    A heuristic: the released files are the official training script's checkpoints, the weights
+    under 'model' next to 'config' or 'max_accuracy'. A state dict, or weights under 'model'
+    without those keys (what most training loops save), loads without a warning; a checkpoint
+    of the official script trained with normalizer="mean" warns wrongly (filter the warning).
+    """
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) or \
+            not any(k in checkpoint for k in _OFFICIAL_TRAINING_KEYS):
+        return
+    mean = [name for name, m in model.named_modules() if getattr(m, "normalizer", None) == "mean"]
+    if mean:
+        keys = " and ".join(repr(k) for k in _OFFICIAL_TRAINING_KEYS if k in checkpoint)
+        warnings.warn(f"{source} looks like a released official checkpoint (weights under 'model' "
+                      f"next to {keys}), which were trained with normalizer=\"sum\", but "
+                      f"{len(mean)} focused linear layers of {type(model).__name__} use "
+                      "normalizer=\"mean\": build the model with normalizer=\"sum\", e.g. "
+                      "create_model(name, normalizer=\"sum\", checkpoint=path)", UserWarning,
+                      stacklevel=3)
+
+
+def _describe(obj) -> Tuple[str, str]:
+    """What a wrong `checkpoint` argument is, and a hint, for the error message."""
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}", ""
+    if isinstance(obj, nn.Module):
+        return f"a module ({type(obj).__name__})", ": pass its state_dict()"
+    if hasattr(obj, "read"):
+        name = getattr(obj, "name", None)
+        return f"an open file object ({type(obj).__name__})", \
+            f": pass its path, {name!r}" if isinstance(name, str) else \
+            ": pass the dict that torch.load(f, weights_only=True) returns"
+    return f"{obj!r:.60} (of type {type(obj).__name__})", ""
 
 
 def _square_grid(rows: int, key: str) -> Tuple[int, int]:
@@ -1814,12 +1894,22 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
     A path is read with torch.load(weights_only=True): no pickled code runs (see _torch_load for
     the config objects of the released files). Unwraps 'model' / 'state_dict' containers and a
     'module.' prefix, adapts keys and sizes with checkpoint_filter_fn, then loads. Any key still
-    missing, unexpected or of another shape raises one ValueError that lists them all.
+    missing, unexpected or of another shape raises one ValueError that lists them all. A released
+    official file loaded into focused linear layers with normalizer="mean" warns (see
+    _warn_released_with_mean). A missing
+    path raises FileNotFoundError, a directory IsADirectoryError, an unreadable (empty,
+    truncated) file or a checkpoint that is neither a path nor a dict a ValueError.
     """
+    if not isinstance(checkpoint, (dict, str, os.PathLike)):
+        given, hint = _describe(checkpoint)
+        raise ValueError(f"checkpoint is {given}; expected the path of a checkpoint file (a str "
+                         "or os.PathLike) or a state dict (a dict of tensors, or a dict holding "
+                         f"one under 'model', 'state_dict' or 'model_ema'){hint}")
     source = "the checkpoint dict"
     if not isinstance(checkpoint, dict):
         source = str(checkpoint)
         checkpoint = _torch_load(checkpoint)
+    _warn_released_with_mean(checkpoint, model, source)
     sd = checkpoint_filter_fn(_unwrap(checkpoint, source), model)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -1947,13 +2037,43 @@ def _forward_train(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: in
     return layer.proj_drop(layer.proj(out))
 
 
+_TWICE = ("the fast path's hand-written backward passes cannot be differentiated twice (a "
+          "gradient penalty, or any torch.autograd.grad(..., create_graph=True) differentiated "
+          "again); they run in training and whenever the input requires grad. Call "
+          "flatten.set_fast_path(\"off\") first: the reference forward is twice differentiable")
+
+
 def _once_differentiable(backward):
     """For autograd.Function.backward: autocast off (the pass computes in the dtypes it chose),
-    and a second derivative refused with PyTorch's "differentiate twice" error."""
+    no graph of the pass itself, and a second derivative refused with an error naming
+    set_fast_path("off"). Under create_graph=True the gradients pass through
+    _NotTwiceDifferentiable joined to g and to the saved tensors that require grad, so that the
+    refusal also holds when g needs no grad but the inputs do (a penalty on d out / d x)."""
     def wrapped(ctx, g):
-        with _autocast_off(g.device.type):
-            return backward(ctx, g)
-    return torch.autograd.function.once_differentiable(wrapped)
+        with torch.no_grad(), _autocast_off(g.device.type):
+            grads = backward(ctx, g)
+        if not torch.is_grad_enabled():   # create_graph=False: the usual backward
+            return grads
+        links = [t for t in (g, *ctx.saved_tensors) if t is not None and t.requires_grad]
+        if not links:
+            return grads
+        out = iter(_NotTwiceDifferentiable.apply(sum(t is not None for t in grads),
+                                                 *(t for t in grads if t is not None), *links))
+        return tuple(None if t is None else next(out) for t in grads)
+    return wrapped
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """The first n inputs (gradients of a hand-written backward) passed through; the others
+    only link the node into the graph. Differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_TWICE)
 
 
 class _Focus(torch.autograd.Function):

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -277,6 +278,38 @@ def test_table_format_must_be_a_tabulate_format(capsys):
     err = exits_2(["--table-format", "bogus"], capsys)
     assert "bogus" in err and all(f in err for f in tabulate_formats), err
     assert bench.parse_args(["--table-format", "rst"]).table_format == "rst"
+
+
+def help_entries() -> dict[str, str]:
+    """--help: each option's entry, its whitespace collapsed, by its flag; and the epilog."""
+    text = bench.make_parser().format_help()
+    options, _, epilog = text.partition("\noptions:\n")[2].partition("\n\n")
+    entries, flag = {}, None
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = ""
+        entries[flag] += " " + line.strip()
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}, epilog
+
+
+def test_help_shows_each_default_once_and_explains_the_methods():
+    """argparse's "(default: None)" used to follow the help's own default text."""
+    entries, epilog = help_entries()
+    twice = {f: e for f, e in entries.items() if e.count("(default") > 1 or "(default: None)" in e}
+    assert not twice, f"defaults shown twice or as None: {twice}"
+    expected = {"--threads": "(default: all usable; 1 on a busy machine)",
+                "--resolutions": "(default: 224 512 1024)", "--device": "(default: cpu)",
+                "--seed": "(default: 0)", "--min-time": "(default: 0.2)",
+                "--methods": "(default: all but reference and baseline"}
+    for flag, text in expected.items():
+        assert text in entries[flag], f"{flag}: {entries[flag]!r} lacks {text!r}"
+    for flag in ("--json", "--details", "--baseline", "-h"):
+        assert "(default" not in entries[flag], f"{flag} has no default: {entries[flag]!r}"
+    explained = " ".join(epilog.split())
+    for method, text in bench.METHOD_HELP.items():
+        assert f"{method} {text}" in explained, f"method {method} not explained: {epilog}"
+    assert list(bench.METHOD_HELP) == list(bench.METHODS), "every method is explained"
 
 
 def test_threads_above_the_usable_cpus_exit_2_with_their_count(monkeypatch, capsys):
@@ -612,6 +645,109 @@ def test_ctrl_c_prints_and_saves_what_was_measured(monkeypatch, tmp_path):
     status = [r[m]["status"] for r in data["layers"] for m in ("fwd", "fwdbwd")]
     assert "ok" in status and "interrupted" in status, status
     assert "not run" in out and "cells: interrupted" in out, "one line for the reason they share"
+
+
+def test_ctrl_c_counts_the_cells_that_ran_and_plots_only_them(monkeypatch, tmp_path):
+    """The last line used to count every planned cell ("72 cells in 1 s (interrupted)"), and
+    the plot drew empty panels with an empty legend and a matplotlib warning."""
+    pytest.importorskip("matplotlib")
+    calls = {"n": 0}
+
+    def fake_time(fn, device):  # synthetic times: the first cells finish, then Ctrl-C
+        calls["n"] += 1
+        if calls["n"] > 16:
+            raise KeyboardInterrupt
+        return 1e-3 * (1 + calls["n"] % 3)
+
+    monkeypatch.setattr(bench, "time_call", fake_time)
+    monkeypatch.setattr(bench, "peak_memory", lambda fn, device, op_names=False: (2 ** 20, []))
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: 1e10)
+    path, plot = tmp_path / "r.json", tmp_path / "r.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" among them
+        code, out, err = run_main(["--resolutions", "32", "64", "--sections", "layers",
+                                   "--json", str(path), "--plot", str(plot), *TINY])
+    assert code == 130 and plot.stat().st_size > 10_000, err[-2000:]
+    data = json.loads(path.read_text())
+    status = [r[m]["status"] for r in data["layers"] for m in ("fwd", "fwdbwd")]
+    ok, not_run = status.count("ok"), status.count("interrupted")
+    assert 0 < ok < len(status) and ok + not_run == len(status), status
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"{ok} of {len(status)} cells measured in ") \
+        and last.endswith(f"; {not_run} not run (interrupted)"), last
+    fig = bench.make_plot(data)
+    try:
+        measured = {r["shape"] for r in data["layers"] if "ok" in (r["fwd"]["status"],
+                                                                     r["fwdbwd"]["status"])}
+        assert len(fig.axes) == 2 * len(measured), "two panels per shape with a measured cell"
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        labels = {r["label"] for r in data["layers"] if r["fwd"]["status"] == "ok"}
+        assert set(legend) == labels, f"legend {legend}, measured {labels}"
+        drawn = sum(len(line.get_xdata()) for ax in fig.axes[::2] for line in ax.get_lines())
+        assert drawn == ok, f"{drawn} points in the time panels, {ok} cells measured"
+        assert f"{not_run} of {len(status)} cells not run (interrupted)" in fig._suptitle.get_text()
+    finally:
+        plt_close(fig)
+
+
+def plt_close(fig):
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def plot_data(times_ms: dict[str, list[float]], missing: dict | None = None):
+    """to_json data of the pvt layer table at r = 32, 64, 128 with these per-resolution times
+    (ms) per method, the (method, r, mode) cells of `missing` given that status instead."""
+    args = bench.parse_args(["--resolutions", "32", "64", "128", "--sections", "layers",
+                             "--shapes", "pvt", "--methods", *times_ms, "--threads", "1"])
+    rows = bench.plan(args)
+    for row in rows.values():
+        c = row.case
+        for mode, m in row.cells.items():
+            t = times_ms[c.name][args.resolutions.index(c.resolution)] * (1 + (mode != "fwd"))
+            m.status, m.times_s, m.peak_bytes = "ok", [t / 1e3] * 3, int(t * 2 ** 20)
+            if (c.name, c.resolution, mode) in (missing or {}):
+                m.status, m.times_s = missing[c.name, c.resolution, mode], []
+    return bench.to_json(rows, bench.header_facts(args, CPU), False, 1.0)
+
+
+def test_plot_marks_the_cells_not_measured():
+    pytest.importorskip("matplotlib")
+    data = plot_data({"sdpa": [1, 4, 16], "explicit": [2, 8, 32], "ours": [1, 2, 4]},
+                     {("explicit", 128, "fwd"): "skipped", ("explicit", 128, "fwdbwd"): "skipped",
+                      ("sdpa", 128, "fwdbwd"): "oom"})
+    fig = bench.make_plot(data)
+    try:
+        ax = fig.axes[0]
+        marks = {(line.get_marker(), round(float(line.get_xdata()[0]), 2), line.get_color())
+                 for line in ax.get_lines() if line.get_linestyle() == "None"}
+        assert marks == {("x", 1024 * 0.95, "C1"), ("+", 1024 * 1.05, "C1"),
+                         ("+", 1024 * 1.05, "C0")}, f"marks at the skipped and OOM cells: {marks}"
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert "forward not measured (skipped, OOM, error)" in legend \
+            and "forward+backward not measured (skipped, OOM, error)" in legend, legend
+    finally:
+        plt_close(fig)
+
+
+@pytest.mark.parametrize("times", [[1.2, 1.9, 3.5], [0.03, 0.06, 0.09], [3.0, 3.0, 3.0]],
+                         ids=["half-a-decade", "tenths", "one-value"])
+def test_plot_log_axes_label_short_ranges(times):
+    """Times within one decade: the y axes show several plain-number labels (a log axis with
+    decade labels only showed one, or none)."""
+    pytest.importorskip("matplotlib")
+    fig = bench.make_plot(plot_data({"ours": times}))
+    try:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            lo, hi = ax.get_ylim()
+            labels = [t.get_text() for t in ax.yaxis.get_majorticklabels()
+                      + ax.yaxis.get_minorticklabels()
+                      if t.get_text() and lo <= t.get_position()[1] <= hi]
+            assert len(labels) >= 3, f"times {times} ms: y labels {labels} in ({lo:g}, {hi:g})"
+            assert all(float(x) > 0 for x in labels), labels
+    finally:
+        plt_close(fig)
 
 
 # -----------------------------------------------------------------------------

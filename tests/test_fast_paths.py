@@ -180,18 +180,104 @@ def test_set_fast_path_and_the_environment_variable():
     assert run.returncode != 0 and "FLATTEN_FAST_PATH must be one of auto, torch, off" in run.stderr
 
 
-def test_double_backward_needs_the_reference():
-    """A gradient penalty differentiates twice: the reference does, the hand-written backward
-    passes of the training path refuse with PyTorch's "differentiate twice" error."""
-    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
-    x = seeded(1, 16, 16, seed=44).requires_grad_()
+# -----------------------------------------------------------------------------
+# Gradient penalties (double backward): the reference only; the fast paths refuse by name
+
+TWICE = r'set_fast_path\("off"\)'
+
+
+def penalty_setups():
+    """name -> (module, input, forward, gradient of the first backward): a layer and a small
+    model, trainable; and a frozen layer beside a twice differentiable branch, where the layer's
+    backward gets an upstream gradient that needs no grad (grad_outputs=ones) but its saved
+    inputs do: without a refusal its second derivative would be silently missing."""
+    layer = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True))
+    frozen = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True)).requires_grad_(False)
+    model = randomize(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), num_classes=3),
+                      std=0.05)
+    tokens, image = seeded(2, 16, 16, seed=44), seeded(1, 3, 64, 64, seed=45)
+    return {
+        "layer": (layer, tokens, lambda x: layer(x, 4, 4).square().sum()),
+        "frozen-layer+branch": (frozen, tokens,
+                                lambda x: frozen(x, 4, 4).sum() + x.square().sum() / 2),
+        "pvt_v2_b0": (model, image, lambda x: model(x).square().sum()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("setup", ["layer", "frozen-layer+branch", "pvt_v2_b0"])
+@pytest.mark.parametrize("wrt", ["backward", "grad-of-parameters"])
+def test_gradient_penalty_on_the_fast_path_names_the_switch(setup, mode, wrt):
+    """A penalty on d loss / d x differentiates twice: the hand-written backward passes refuse
+    with an error that names set_fast_path("off") (they used to raise PyTorch's generic
+    "@once_differentiable" error, or nothing at all when only the saved inputs needed grad)."""
+    module, x, loss = penalty_setups()[setup]
+    module.train(mode == "train")
+    x = x.clone().requires_grad_()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if wrt == "grad-of-parameters" and not params:
+        pytest.skip("a frozen layer has no parameters to differentiate")
+    (gx,) = torch.autograd.grad(loss(x), x, create_graph=True)
+    penalty = gx.square().sum()
+    with pytest.raises(RuntimeError, match=TWICE):
+        if wrt == "backward":
+            penalty.backward()
+        else:
+            torch.autograd.grad(penalty, params)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("setup", ["layer", "frozen-layer+branch", "pvt_v2_b0"])
+def test_gradient_penalty_with_the_fast_path_off(setup, mode):
+    """The same penalty under set_fast_path("off"): it runs, its first backward equals the fast
+    path's, and its gradient w.r.t. x matches central finite differences of the penalty (float64;
+    the penalty's values come from the fast path's first backward)."""
+    module, x, loss = penalty_setups()[setup]
+    module.train(mode == "train").double()
+    x = x.double().requires_grad_()
+    what = f"[{setup} {mode} float64 seed=44/45]"
+
+    def penalty(t):
+        (g,) = torch.autograd.grad(loss(t), t, create_graph=torch.is_grad_enabled())
+        return g.square().sum(), g
+
+    (fast_g,) = torch.autograd.grad(loss(x), x)
     with fast_path("off"):
-        (gx,) = torch.autograd.grad(m(x, 4, 4).square().sum(), x, create_graph=True)
-        gx.square().sum().backward()
-    assert m.q.weight.grad is not None and torch.isfinite(m.q.weight.grad).all()
-    (gx,) = torch.autograd.grad(m(x, 4, 4).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice"):
-        gx.square().sum().backward()
+        value, g = penalty(x)
+        (grad,) = torch.autograd.grad(value, x)
+    assert_close(g, fast_g, f"{what} d loss / dx, off vs fast", rtol=1e-10, atol=1e-12)
+    gen = torch.Generator().manual_seed(46)
+    flat = torch.randperm(x.numel(), generator=gen)[:6]   # six entries of x, central differences
+    h = 1e-5
+    for i in flat.tolist():
+        e = torch.zeros_like(x).view(-1)
+        e[i] = h
+        e = e.view_as(x)
+        plus = penalty((x.detach() + e).requires_grad_())[0].item()
+        minus = penalty((x.detach() - e).requires_grad_())[0].item()
+        fd = (plus - minus) / (2 * h)
+        assert abs(grad.view(-1)[i].item() - fd) <= 1e-5 * max(1.0, abs(fd)), \
+            f"{what} d penalty / dx[{i}]: off {grad.view(-1)[i].item():.10g}, finite " \
+            f"differences {fd:.10g}"
+
+
+def test_reference_gradgradcheck_on_a_tiny_layer():
+    """The reference forward (set_fast_path("off")) is twice differentiable: gradcheck and
+    gradgradcheck in float64 w.r.t. the input and every parameter (scale, positional encoding,
+    DWC included) of a 2-head layer on a 2x2 grid with one class token."""
+    m = randomize(fl.FocusedLinearAttention(4, 4, 2, qkv_bias=True, kernel_size=3,
+                                            num_prefix_tokens=1), seed=47, std=0.5).double()
+    names = [n for n, _ in m.named_parameters()]
+    x = seeded(1, 5, 4, seed=48, dtype=torch.float64).requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+
+    def fn(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x, 2, 2))
+
+    with fast_path("off"):
+        assert torch.autograd.gradcheck(fn, (x, *params)), "[tiny layer seed=47/48] gradcheck"
+        assert torch.autograd.gradgradcheck(fn, (x, *params)), \
+            "[tiny layer seed=47/48] gradgradcheck"
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pickle
 import re
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -74,12 +75,14 @@ def test_official_like_file_loads_without_running_pickled_code(official_like_che
         torch.load(path, weights_only=True)  # what users hit with the released files
     x = seeded(1, 3, 64, 64)
     for how in ("load_pretrained", "create_model"):
-        if how == "load_pretrained":
-            m = small_pvt()
-            fl.load_pretrained(m, path)
-        else:
-            m = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1),
-                                num_classes=4, checkpoint=path)
+        # the file looks released (a 'config' next to 'model') and the model has normalizer="mean"
+        with pytest.warns(UserWarning, match='normalizer="sum"'):
+            if how == "load_pretrained":
+                m = small_pvt()
+                fl.load_pretrained(m, path)
+            else:
+                m = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1),
+                                    num_classes=4, checkpoint=path)
         with torch.no_grad():
             assert torch.equal(m.eval()(x), model(x)), \
                 f"[{fmt} file, {how}, input 1x3x64x64 seed=0]: outputs differ from the saved " \
@@ -87,6 +90,50 @@ def test_official_like_file_loads_without_running_pickled_code(official_like_che
     assert module_name not in sys.modules, f"[{fmt} file]: loading imported {module_name}"
 
 
+# The released files were trained with normalizer="sum": loading one into "mean" layers warns
+
+RELEASED_EXTRAS = {"config": {"MODEL": {"TYPE": "flatten_pvt"}}, "max_accuracy": 77.8,
+                   "epoch": 299, "optimizer": {"state": {}, "param_groups": []}}
+
+
+@pytest.mark.parametrize("name", ["flatten_pvt_tiny", "flatten_swin_tiny"])
+@pytest.mark.parametrize("as_file", [False, True], ids=["dict", "file"])
+def test_released_checkpoint_into_mean_layers_warns_once(tmp_path, name, as_file):
+    src = fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4)
+    ckpt = {"model": official_like_state_dict(src), **RELEASED_EXTRAS}
+    if as_file:
+        torch.save(ckpt, tmp_path / "released.pth")
+        ckpt = tmp_path / "released.pth"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4, checkpoint=ckpt)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    case = f"[{name}, released-style checkpoint {'file' if as_file else 'dict'}, mean layers]"
+    assert len(msgs) == 1, f"{case}: {len(msgs)} warnings, expected one: {msgs}"
+    assert 'normalizer="sum"' in msgs[0] and 'normalizer="mean"' in msgs[0], f"{case}: {msgs[0]}"
+
+
+NO_WARNING = {  # what is loaded, into a model with which normaliser
+    "state-dict": (lambda sd: sd, "mean"),
+    "own-training-loop": (lambda sd: {"model": sd, "epoch": 3, "optimizer": {}}, "mean"),
+    "released-into-sum": (lambda sd: {"model": sd, **RELEASED_EXTRAS}, "sum"),
+    "released-into-softmax": (lambda sd: {"model": sd, **RELEASED_EXTRAS}, None),
+}
+
+
+@pytest.mark.parametrize("kind", list(NO_WARNING))
+def test_no_normalizer_warning_otherwise(kind):
+    wrap, normalizer = NO_WARNING[kind]
+    name = "pvt_tiny" if normalizer is None else "flatten_pvt_tiny"
+    kw = {"depths": (1, 1, 1, 1), "num_classes": 4, "normalizer": normalizer or "mean"}
+    sd = official_like_state_dict(fl.create_model(name, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fl.create_model(name, checkpoint=wrap(sd), **kw)
+
+
+# -----------------------------------------------------------------------------
+# Files that pickle code: refused, and nothing from them runs
 # -----------------------------------------------------------------------------
 # Files that pickle code: refused, and nothing from them runs
 
@@ -164,7 +211,7 @@ def write_tensorless_dict(path):
 
 
 NOT_CHECKPOINTS = {
-    "empty": (write_empty, r"expected a file saved with torch\.save"),
+    "empty": (write_empty, r"the file is empty; expected a file saved with torch\.save"),
     "text": (write_text, r"expected a file saved with torch\.save"),
     "list": (write_list, r"holds a list; expected a state dict"),
     "no-tensors": (write_tensorless_dict, r"no tensors found"),
@@ -198,6 +245,64 @@ def test_missing_file_raises_file_not_found_naming_it(tmp_path):
             load_small_model(how, path)
         assert str(path) in str(err.value), \
             f"[missing file, {how}]: the file is not named: {err.value}"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_file_says_truncated_in_whole_sentences(tmp_path, fmt, keep):
+    """A download cut short: the message says so, and torch's reason is not cut mid-sentence
+    (it was cut at 200 characters, before its word "corrupted")."""
+    full, path = tmp_path / "full.pth", tmp_path / f"truncated_{fmt}.pth"
+    model = fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1))
+    torch.save({"model": model.state_dict()}, full, _use_new_zipfile_serialization=FORMATS[fmt])
+    data = full.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    for how in ("load_pretrained", "create_model"):
+        case = f"[{fmt} file cut to {keep:.1%} of {len(data)} bytes, {how}]"
+        with pytest.raises(ValueError) as err:
+            load_small_model(how, path)
+        msg = str(err.value)
+        assert str(path) in msg, f"{case}: the file is not named: {msg}"
+        assert "truncated or corrupted" in msg and "expected a file saved with torch.save" in msg, \
+            f"{case}: the message does not say the file is truncated and what was expected: {msg}"
+        assert msg.endswith(".)"), f"{case}: torch's reason is cut mid-sentence: {msg}"
+
+
+def test_directory_raises_is_a_directory_naming_it(tmp_path):
+    (tmp_path / "weights.pth").write_bytes(b"")
+    for how in ("load_pretrained", "create_model"):
+        with pytest.raises(IsADirectoryError) as err:
+            load_small_model(how, tmp_path)
+        msg = str(err.value)
+        assert str(tmp_path) in msg and "is a directory" in msg and "checkpoint file" in msg, \
+            f"[a directory, {how}]: the message does not name it and say what was expected: {msg}"
+
+
+NOT_PATHS = {  # what load_pretrained is given -> how the message names it
+    "tensor": (lambda tmp: torch.zeros(3), r"checkpoint is a tensor of shape \(3,\)"),
+    "open-file": (lambda tmp: open(tmp / "w.pth", "rb"),
+                  r"checkpoint is an open file object \(BufferedReader\).*: pass its path"),
+    "int": (lambda tmp: 3, r"checkpoint is 3 \(of type int\)"),
+    "module": (lambda tmp: fl.DWConv(4), r"checkpoint is a module \(DWConv\).*state_dict\(\)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_PATHS))
+def test_checkpoint_neither_path_nor_dict_raises_one_value_error(tmp_path, kind):
+    torch.save(fl.DWConv(4).state_dict(), tmp_path / "w.pth")
+    make, given = NOT_PATHS[kind]
+    obj = make(tmp_path)
+    try:
+        for how in ("load_pretrained", "create_model"):
+            with pytest.raises(ValueError, match=given) as err:
+                load_small_model(how, obj)
+            assert re.search(r"expected the path of a checkpoint file \(a str or os\.PathLike\) "
+                             r"or a state dict", str(err.value)), \
+                f"[checkpoint={kind}, {how}]: the message does not say what was expected: " \
+                f"{err.value}"
+    finally:
+        if hasattr(obj, "close"):
+            obj.close()
 
 
 # -----------------------------------------------------------------------------

@@ -378,6 +378,33 @@ def test_create_model_rejects_an_invalid_normalizer(name, value):
     assert repr(value) in str(err.value), f"[{name} normalizer={value!r}]: {err.value}"
 
 
+RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+RATE_FAMILIES = {"flatten_pvt_tiny": {"depths": (1, 1, 1, 1)},          # PVTConfig
+                 "flatten_deit_tiny": {"depth": 1},                     # DeiTConfig
+                 "flatten_swin_tiny": {"depths": (1, 1, 1, 1)}}        # SwinConfig
+
+
+@pytest.mark.parametrize("name", list(RATE_FAMILIES))
+@pytest.mark.parametrize("field", RATES)
+@pytest.mark.parametrize("value", [1.0, 2.0, -0.5, float("nan"), float("inf"), True, "0.1", None])
+def test_rates_outside_0_1_raise_at_construction(name, field, value):
+    """drop_path_rate=1.0 used to give all-NaN logits in training; 2.0 or -0.5 failed deep inside
+    bernoulli_ at the first training forward: now a ValueError when the model is built."""
+    with pytest.raises(ValueError, match=rf"{field} must be a number in \[0, 1\)") as err:
+        fl.create_model(name, **{field: value}, **RATE_FAMILIES[name])
+    assert repr(value) in str(err.value), f"[{name} {field}={value!r}]: {err.value}"
+
+
+@pytest.mark.parametrize("name", list(RATE_FAMILIES))
+def test_rates_inside_0_1_train(name):
+    torch.manual_seed(0)
+    m = fl.create_model(name, num_classes=3, drop_rate=0, attn_drop_rate=0.5,
+                        drop_path_rate=0.99, **RATE_FAMILIES[name]).train()
+    out = m(seeded(2, 3, 64, 64, seed=3))
+    assert out.shape == (2, 3) and torch.isfinite(out).all(), \
+        f"[{name} attn_drop_rate=0.5 drop_path_rate=0.99, input 2x3x64x64 seed=3]: {out}"
+
+
 # -----------------------------------------------------------------------------
 # Precision
 
@@ -506,6 +533,33 @@ def test_compile_inductor():
     x = seeded(2, 64, 32)
     with torch.no_grad():
         assert_close(compiled(x, 8, 8), m(x, 8, 8), "[2x64x32 grid 8x8 seed=0] inductor vs eager")
+
+
+@pytest.mark.slow
+def test_compile_recompiles_where_the_readme_says():
+    """README, torch.compile: the second size recompiles with dynamic sizes, later sizes reuse
+    that graph, but the size the model was built for (position tables used as they are) and
+    train mode compile graphs of their own. FLatten-PVTv2-b0 built at 64, sizes small enough
+    to stay below torch's convolution thresholds; graphs counted by the backend."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    m = fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), num_classes=3, img_size=64)
+    compiled = torch.compile(m.eval(), backend=counting_backend)
+    expected = [((72, 72), 1), ((88, 88), 2), ((80, 96), 2), ((64, 64), 3), ((72, 72), 3)]
+    for (H, W), count in expected:
+        with torch.no_grad():
+            compiled(seeded(1, 3, H, W, seed=H))
+        assert len(graphs) == count, f"[input 1x3x{H}x{W} seed={H}] {len(graphs)} graphs, " \
+            f"expected {count} (sizes so far {[s for s, _ in expected]})"
+    m.train()
+    with torch.no_grad():
+        compiled(seeded(1, 3, 80, 80, seed=80))
+    assert len(graphs) == 4, f"[train mode, input 1x3x80x80 seed=80] {len(graphs)} graphs"
 
 
 @pytest.mark.slow

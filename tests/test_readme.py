@@ -1,13 +1,16 @@
 """The README's Python examples run as written, in order, in one namespace (an official-style
-checkpoint file stands in for the released one they load)."""
+checkpoint file stands in for the released one they load); its numbers and commands are the
+project's."""
 
+import json
 import os
 import re
 import sys
 import types
+import warnings
 
 import torch
-from common import ROOT, assert_close
+from common import DATA, ROOT, assert_close
 
 import analysis
 import flatten as fl
@@ -43,11 +46,17 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     namespace = {}
     before = fl.get_fast_path()
     try:
-        for i, code in enumerate(blocks):
-            exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, code in enumerate(blocks):
+                exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
     finally:
         fl.set_fast_path(before)
     ns = types.SimpleNamespace(**namespace)
+    ours = [str(w.message) for w in caught if w.filename == fl.__file__ or "normalizer" in
+            str(w.message)]
+    assert not ours, f"the README's examples warn: {ours}"
+    assert ns.num_params == 35_362_280, f"FLatten-PVT-T at 1024: {ns.num_params} parameters"
     assert ns.logits.shape == (1, 1000) and torch.isfinite(ns.logits).all()
     assert [tuple(m.shape) for m in ns.maps] == [(1, 64, 200, 304), (1, 128, 100, 152),
                                                   (1, 320, 50, 76), (1, 512, 25, 38)]
@@ -59,3 +68,58 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert_close(ns.out, explicit.transpose(1, 2).flatten(2), "[README cross-attention] output",
                  1e-5, 1e-6)
     assert os.getcwd() == str(tmp_path)
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_has_no_placeholders():
+    found = re.findall(r"<[^<>\n]*>", readme())
+    assert not found, f"placeholders in README.md: {found}"
+
+
+def test_readme_parameter_counts_are_exact():
+    """The 1,024² example, and FLatten-PVT against the official counts (tests/data manifests;
+    tests/test_official.py holds ours + the 1,024 of the dropped norm equal to them)."""
+    text = " ".join(readme().split())
+    at_1024, at_224 = (int(n.replace(",", "")) for n in re.search(
+        r"grows with img_size: ([\d,]+) here, ([\d,]+) at 224", text).groups())
+    built = fl.create_model("flatten_pvt_tiny")
+    assert at_224 == sum(p.numel() for p in built.parameters()), f"README: {at_224} at 224"
+    assert at_1024 == 35_362_280, f"README: {at_1024} at 1024 (the example checks the count)"
+    m = re.search(r"FLatten-PVT-T / S / M / L have ([\d,]+) / ([\d,]+) / ([\d,]+) / ([\d,]+) "
+                  r"parameters, 1,024 fewer than the official ([\d,]+) / ([\d,]+) / ([\d,]+) / "
+                  r"([\d,]+)", text)
+    assert m, "README: the FLatten-PVT parameter sentence is missing"
+    counts = [int(n.replace(",", "")) for n in m.groups()]
+    for size, ours, official in zip(("tiny", "small", "medium", "large"), counts[:4], counts[4:]):
+        manifest = json.loads((DATA / f"manifest_flatten_pvt_{size}.json").read_text())
+        assert official == manifest["num_parameters"], \
+            f"flatten_pvt_{size}: README official {official}, manifest {manifest['num_parameters']}"
+        assert official - ours == 1024, f"flatten_pvt_{size}: README {ours} vs {official}"
+        row = re.search(r"\| flatten_pvt_tiny / small / medium / large \| ([^|]+)\|", text)
+        shown = row.group(1).split(" / ")[["tiny", "small", "medium", "large"].index(size)]
+        assert shown.strip() == f"{ours / 1e6:.2f}M" == f"{official / 1e6:.2f}M", \
+            f"flatten_pvt_{size}: the table shows {shown}"
+    assert counts[0] == at_224, "the two FLatten-PVT-T counts of the README differ"
+
+
+def test_readme_names_the_command_of_its_model_ratios():
+    """The whole-model ratios come from the canonical run: its command, without the output
+    flags, as results/README.md gives it."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "results" / "README.md").read_text(), re.S)
+    command = " ".join(block.group(1).replace("\\\n", " ").split())
+    command = re.sub(r" --(json|csv|plot) \S+| > \S+", "", command)
+    text = " ".join(readme().split())
+    assert f"`{command}`" in text and "FLatten-Swin-T against Swin-T" in text, \
+        f"README does not name {command!r} with the model ratios"
+
+
+def test_readme_maps_the_released_checkpoints_to_models():
+    section = readme().split("**The released checkpoints.**")[1].split("\n\n")[1]
+    names = re.findall(r"\| `(\w+)` \|$", section, re.M)
+    configs = re.findall(r"`cfgs/(\w+)\.yaml`", section)
+    assert len(configs) == len(names) == 7, f"7 released files, 7 models: {section}"
+    unknown = [n for n in names if n not in fl.MODELS]
+    assert not unknown, f"README maps released files to unknown models {unknown}"
