@@ -381,7 +381,8 @@ def test_create_model_rejects_an_invalid_normalizer(name, value):
 RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 RATE_FAMILIES = {"flatten_pvt_tiny": {"depths": (1, 1, 1, 1)},          # PVTConfig
                  "flatten_deit_tiny": {"depth": 1},                     # DeiTConfig
-                 "flatten_swin_tiny": {"depths": (1, 1, 1, 1)}}        # SwinConfig
+                 "flatten_swin_tiny": {"depths": (1, 1, 1, 1)},        # SwinConfig
+                 "flatten_cswin_tiny": {"depths": (1, 1, 1, 1)}}       # CSwinConfig
 
 
 @pytest.mark.parametrize("name", list(RATE_FAMILIES))
