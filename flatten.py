@@ -726,6 +726,31 @@ class _Classifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class _Pyramid(_Classifier):
+    """The API of the four-stage backbones (PVT, Swin, CSwin) on their _stages(x), which yields
+    each stage's output tokens (B, H_i*W_i, C_i) with H_i, W_i. Pooling: the mean over tokens."""
+
+    final_norm = False  # forward_features ends with self.norm
+
+    def _stages(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The stage outputs as feature maps [(B, C_i, H_i, W_i)], for dense prediction."""
+        return [_image(t, H, W) for t, H, W in self._stages(x)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the last stage's tokens (B, N_4, C_4), normalised by the final norm
+        of the models that have one."""
+        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
+            pass
+        return self.norm(tokens) if self.final_norm else tokens
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
 def _check_rates(cfg) -> None:
     """A backbone config's dropout rates (drop_rate, attn_drop_rate, drop_path_rate): each a
     number in [0, 1). At 1 dropout keeps nothing (NaN logits in training); outside [0, 1) torch
@@ -768,7 +793,7 @@ class PVTConfig:
     normalizer: str = "mean"
 
 
-class PyramidVisionTransformer(_Classifier):
+class PyramidVisionTransformer(_Pyramid):
     """FLatten-PVT (version 1) and FLatten-PVTv2 (version 2), with the official state_dict keys.
 
     Version 1: non-overlapping patch embeddings (patch_size, then 2), a learned pos_embed per
@@ -878,20 +903,6 @@ class PyramidVisionTransformer(_Classifier):
                 x = getattr(self, f"norm{i}")(x)
             yield x, H, W
             x = _image(x, H, W)                                       # (B, C_i, H, W)
-
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The four stage outputs as feature maps [(B, C_i, H_i, W_i)] for dense prediction."""
-        return [_image(t, H, W) for t, H, W in self._stages(x)]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> the last stage's tokens (B, N_4, C_4)."""
-        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
-            pass
-        return tokens
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
 
 
 # -----------------------------------------------------------------------------
@@ -1172,7 +1183,7 @@ class SwinConfig:
     normalizer: str = "mean"
 
 
-class SwinTransformer(_Classifier):
+class SwinTransformer(_Pyramid):
     """FLatten-Swin and Swin, with the official state_dict keys (up to the fused qkv of the
     official focused linear layers, which load_pretrained splits into q and kv).
 
@@ -1180,6 +1191,8 @@ class SwinTransformer(_Classifier):
     the mean over tokens, head. Runs at any H x W: linear stages resample their positional
     encodings, window stages pad to a multiple of the window (masks cached per grid size).
     """
+
+    final_norm = True
 
     def __init__(self, cfg: SwinConfig):
         super().__init__()
@@ -1240,20 +1253,6 @@ class SwinTransformer(_Classifier):
             yield x, H, W
             if stage.downsample is not None:
                 x, H, W = stage.downsample(x, H, W)
-
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The stage outputs before PatchMerging, [(B, C_i, H_i, W_i)], for dense prediction."""
-        return [_image(t, H, W) for t, H, W in self._stages(x)]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> the last stage's normalised tokens (B, N_4, C_4)."""
-        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
-            pass
-        return self.norm(tokens)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
 
 
 # -----------------------------------------------------------------------------
@@ -1471,7 +1470,7 @@ class CSwinConfig:
     normalizer: str = "mean"
 
 
-class CSwinTransformer(_Classifier):
+class CSwinTransformer(_Pyramid):
     """FLatten-CSwin and CSWin, with the official state_dict keys.
 
     A 7 x 7 stride-4 conv stem with LayerNorm, four stages of CSwinBlocks joined by merge1-3
@@ -1481,6 +1480,8 @@ class CSwinTransformer(_Classifier):
     (The official model has one branch in a stage whose grid equals its split size: the same
     function, as LePE is depthwise and the heads split the channels alike, under other keys.)
     """
+
+    final_norm = True
 
     def __init__(self, cfg: CSwinConfig):
         super().__init__()
@@ -1542,20 +1543,6 @@ class CSwinTransformer(_Classifier):
             for blk in getattr(self, f"stage{i}"):
                 x = blk(x, H, W)
             yield x, H, W
-
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The four stage outputs as feature maps [(B, C_i, H_i, W_i)] for dense prediction."""
-        return [_image(t, H, W) for t, H, W in self._stages(x)]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> the last stage's normalised tokens (B, N_4, C_4)."""
-        for tokens, _, _ in self._stages(x):  # noqa: B007 - the last stage is the output
-            pass
-        return self.norm(tokens)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
 
 
 # -----------------------------------------------------------------------------
