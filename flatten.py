@@ -12,8 +12,8 @@ torch and the Python standard library only: copy this file into your project. To
      with their softmax counterparts; create_model and list_models;
   4. checkpoint loading (load_pretrained) of the released official files;
   5. fast paths (optional reading): faster ways to the same function, behind one switch
-     (set_fast_path), tested equal to the reference. Sections 1 and 5 stand alone: section 1
-     with its helpers is the whole method, and without section 5 forward is the reference.
+     (set_fast_path), tested equal to the reference. Section 1 with its helpers stands alone
+     (the whole method), and section 5 can be deleted: forward is then the reference.
 
 Shape letters: B batch, N query tokens, n key tokens, C channels, h heads, d = C / h head dim,
 H x W the token grid (N = H * W, plus class tokens in DeiT), p the focusing factor.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import pickle
 import re
@@ -751,14 +752,28 @@ class _Pyramid(_Classifier):
         return x if pre_logits else self.head(x)
 
 
-def _check_rates(cfg) -> None:
-    """A backbone config's dropout rates (drop_rate, attn_drop_rate, drop_path_rate): each a
-    number in [0, 1). At 1 dropout keeps nothing (NaN logits in training); outside [0, 1) torch
-    fails deep inside the first training forward."""
+def _check_config(cfg) -> None:
+    """The fields every backbone config shares, checked: focusing_factor, normalizer, the dropout
+    rates (numbers in [0, 1): drop_path_rate 1 gives NaN logits in training, anything outside
+    fails deep inside the first training forward), the block counts (ints >= 0) and the MLP
+    ratios (numbers > 0)."""
+    _check_focusing_factor(cfg.focusing_factor)
+    _check_normalizer(cfg.normalizer)
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         r = getattr(cfg, name)
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:  # nan too
+        if not _is_real(r) or not 0 <= r < 1:  # nan too
             raise ValueError(f"{name} must be a number in [0, 1), got {r!r}")
+    depths = cfg.depths if hasattr(cfg, "depths") else (cfg.depth,)
+    if not all(_is_int(d) and d >= 0 for d in depths):
+        raise ValueError(f"block counts (depths / depth) must be ints >= 0, got {depths}")
+    ratios = cfg.mlp_ratios if hasattr(cfg, "mlp_ratios") else (cfg.mlp_ratio,)
+    if not all(_is_real(r) and 0 < r < math.inf for r in ratios):
+        raise ValueError(f"MLP ratios must be finite numbers > 0, got {ratios}")
+
+
+def _is_real(v) -> bool:
+    """An int or float (numpy's included: numbers.Real), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 # -----------------------------------------------------------------------------
@@ -815,9 +830,7 @@ class PyramidVisionTransformer(_Pyramid):
                                  f"got {getattr(cfg, name)}")
         if len(cfg.attn_type) != 4:
             raise ValueError(f"attn_type needs 4 letters, got {cfg.attn_type!r}")
-        _check_focusing_factor(cfg.focusing_factor)
-        _check_normalizer(cfg.normalizer)
-        _check_rates(cfg)
+        _check_config(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dims[-1]
         img_size = _to_2tuple(cfg.img_size, "img_size")
@@ -948,9 +961,7 @@ class VisionTransformer(_Classifier):
         super().__init__()
         if cfg.attn_type not in ("L", "S"):
             raise ValueError(f"attn_type must be 'L' or 'S', got {cfg.attn_type!r}")
-        _check_focusing_factor(cfg.focusing_factor)
-        _check_normalizer(cfg.normalizer)
-        _check_rates(cfg)
+        _check_config(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim
         p = cfg.patch_size
@@ -1202,9 +1213,7 @@ class SwinTransformer(_Pyramid):
                              f"{cfg.depths}, {cfg.num_heads}, {cfg.attn_type!r}")
         if not _is_int(cfg.window_size) or cfg.window_size < 1:
             raise ValueError(f"window_size must be a positive int, got {cfg.window_size!r}")
-        _check_focusing_factor(cfg.focusing_factor)
-        _check_normalizer(cfg.normalizer)
-        _check_rates(cfg)
+        _check_config(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim * 2 ** (n - 1)
         p = cfg.patch_size
@@ -1266,7 +1275,8 @@ class CSwinLinearAttention(nn.Module):
     block's proj. Focused linear attention (positional_encoding on the keys, phi_p with norms
     over the C channels) plus two terms of the raw values: the DWC (one k x k kernel over the
     d channels of a head, shared by the heads) and the LePE get_v (3 x 3 depthwise over C).
-    The encoding is learned on grid_size and resampled to any other grid (resample_grid).
+    The encoding is learned on grid_size and resampled to any other grid (resample_grid). It
+    always runs this reference code: the fast paths of section 5 serve FocusedLinearAttention.
     """
 
     def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int],
@@ -1495,9 +1505,7 @@ class CSwinTransformer(_Pyramid):
             raise ValueError(f"split_size entries must be positive ints, got {cfg.split_size}")
         if not _is_int(cfg.embed_dim) or cfg.embed_dim < 1:
             raise ValueError(f"embed_dim must be a positive int, got {cfg.embed_dim!r}")
-        _check_focusing_factor(cfg.focusing_factor)
-        _check_normalizer(cfg.normalizer)
-        _check_rates(cfg)
+        _check_config(cfg)
         self.cfg = cfg
         self.num_features = cfg.embed_dim * 8
         self.stage1_conv_embed = ConvStem(cfg.in_chans, cfg.embed_dim)
@@ -1626,7 +1634,7 @@ def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = No
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     model = _FAMILIES[cfg_cls](cfg_cls(**{**base, **tuples}))
     if checkpoint is not None:
-        load_pretrained(model, checkpoint)
+        _load_pretrained(model, checkpoint, strict=True)
     return model
 
 
@@ -1783,7 +1791,7 @@ def _warn_released_with_mean(checkpoint: dict, model: nn.Module, source: str) ->
                       f"{len(mean)} focused linear layers of {type(model).__name__} use "
                       "normalizer=\"mean\": build the model with normalizer=\"sum\", e.g. "
                       "create_model(name, normalizer=\"sum\", checkpoint=path)", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)  # the caller of load_pretrained or create_model
 
 
 def _describe(obj) -> Tuple[str, str]:
@@ -1797,7 +1805,9 @@ def _describe(obj) -> Tuple[str, str]:
         return f"an open file object ({type(obj).__name__})", \
             f": pass its path, {name!r}" if isinstance(name, str) else \
             ": pass the dict that torch.load(f, weights_only=True) returns"
-    return f"{obj!r:.60} (of type {type(obj).__name__})", ""
+    text = repr(obj)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} (of type {type(obj).__name__})", ""
 
 
 def _square_grid(rows: int, key: str) -> Tuple[int, int]:
@@ -1887,6 +1897,11 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
     path raises FileNotFoundError, a directory IsADirectoryError, an unreadable (empty,
     truncated) file or a checkpoint that is neither a path nor a dict a ValueError.
     """
+    return _load_pretrained(model, checkpoint, strict)
+
+
+def _load_pretrained(model: nn.Module, checkpoint, strict: bool):
+    """load_pretrained, which create_model calls too: a warning points at their caller."""
     if not isinstance(checkpoint, (dict, str, os.PathLike)):
         given, hint = _describe(checkpoint)
         raise ValueError(f"checkpoint is {given}; expected the path of a checkpoint file (a str "
@@ -2026,8 +2041,9 @@ def _forward_train(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: in
 
 _TWICE = ("the fast path's hand-written backward passes cannot be differentiated twice (a "
           "gradient penalty, or any torch.autograd.grad(..., create_graph=True) differentiated "
-          "again); they run in training and whenever the input requires grad. Call "
-          "flatten.set_fast_path(\"off\") first: the reference forward is twice differentiable")
+          "again); they run whenever grad mode is on and the input or a parameter requires "
+          "grad, in eval mode too. Call flatten.set_fast_path(\"off\") first: the reference "
+          "forward is twice differentiable")
 
 
 def _once_differentiable(backward):

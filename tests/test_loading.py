@@ -11,6 +11,7 @@ import re
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,13 +105,23 @@ def test_released_checkpoint_into_mean_layers_warns_once(tmp_path, name, as_file
     if as_file:
         torch.save(ckpt, tmp_path / "released.pth")
         ckpt = tmp_path / "released.pth"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4, checkpoint=ckpt)
-    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    case = f"[{name}, released-style checkpoint {'file' if as_file else 'dict'}, mean layers]"
-    assert len(msgs) == 1, f"{case}: {len(msgs)} warnings, expected one: {msgs}"
-    assert 'normalizer="sum"' in msgs[0] and 'normalizer="mean"' in msgs[0], f"{case}: {msgs[0]}"
+    for how in ("create_model", "load_pretrained"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if how == "create_model":
+                fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4, checkpoint=ckpt)
+            else:
+                fl.load_pretrained(fl.create_model(name, depths=(1, 1, 1, 1), num_classes=4),
+                                   ckpt)
+        found = [w for w in caught if issubclass(w.category, UserWarning)]
+        msgs = [str(w.message) for w in found]
+        case = f"[{name}, released-style checkpoint {'file' if as_file else 'dict'}, " \
+               f"mean layers, {how}]"
+        assert len(msgs) == 1, f"{case}: {len(msgs)} warnings, expected one: {msgs}"
+        assert 'normalizer="sum"' in msgs[0] and 'normalizer="mean"' in msgs[0], \
+            f"{case}: {msgs[0]}"
+        assert Path(found[0].filename).resolve() == Path(__file__).resolve(), \
+            f"{case}: the warning points at {found[0].filename}:{found[0].lineno}, not the caller"
 
 
 NO_WARNING = {  # what is loaded, into a model with which normaliser
@@ -132,8 +143,6 @@ def test_no_normalizer_warning_otherwise(kind):
         fl.create_model(name, checkpoint=wrap(sd), **kw)
 
 
-# -----------------------------------------------------------------------------
-# Files that pickle code: refused, and nothing from them runs
 # -----------------------------------------------------------------------------
 # Files that pickle code: refused, and nothing from them runs
 

@@ -397,6 +397,31 @@ def test_rates_outside_0_1_raise_at_construction(name, field, value):
 
 
 @pytest.mark.parametrize("name", list(RATE_FAMILIES))
+@pytest.mark.parametrize("field,value,expected", [
+    ("depths", (1, -1, 1, 1), "block counts"), ("depths", (1, 1.0, 1, 1), "block counts"),
+    ("mlp_ratio", -1.0, "MLP ratios"), ("mlp_ratio", float("nan"), "MLP ratios")])
+def test_block_counts_and_mlp_ratios_are_checked(name, field, value, expected):
+    """A negative block count used to build an empty stage silently, a float one failed inside
+    torch.linspace, a negative MLP ratio inside nn.Linear."""
+    kw = dict(RATE_FAMILIES[name])
+    if field == "depths" and "depth" in kw:
+        field, value = "depth", value[1]
+    if field == "mlp_ratio" and name.startswith("flatten_pvt"):
+        field, value = "mlp_ratios", (4, value, 4, 4)
+    kw[field] = value
+    with pytest.raises(ValueError, match=expected) as err:
+        fl.create_model(name, **kw)
+    assert repr(value)[:4] in str(err.value), f"[{name} {field}={value!r}]: {err.value}"
+
+
+@pytest.mark.parametrize("name", list(RATE_FAMILIES))
+def test_rates_may_be_numpy_numbers(name):
+    import numpy as np
+    m = fl.create_model(name, drop_path_rate=np.float32(0.1), num_classes=3, **RATE_FAMILIES[name])
+    assert m(seeded(1, 3, 64, 64)).shape == (1, 3), f"[{name} drop_path_rate=np.float32(0.1)]"
+
+
+@pytest.mark.parametrize("name", list(RATE_FAMILIES))
 def test_rates_inside_0_1_train(name):
     torch.manual_seed(0)
     m = fl.create_model(name, num_classes=3, drop_rate=0, attn_drop_rate=0.5,

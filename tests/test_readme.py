@@ -123,3 +123,67 @@ def test_readme_maps_the_released_checkpoints_to_models():
     assert len(configs) == len(names) == 7, f"7 released files, 7 models: {section}"
     unknown = [n for n in names if n not in fl.MODELS]
     assert not unknown, f"README maps released files to unknown models {unknown}"
+
+
+# -----------------------------------------------------------------------------
+# The benchmark figures of README.md and docs/fast-paths.md are those of results/
+
+LAYERS = {"DeiT-T": "DeiT-T layer", "PVT stage 1": "FLatten-PVT stage-1 layer",
+          "FLatten-PVT stage 1": "FLatten-PVT stage-1 layer"}
+
+
+def canonical_layer_rows() -> dict:
+    """results/cpu_float32.txt's layer tables: {(table title start, N): {method: cells}}."""
+    rows, title = {}, None
+    for line in (ROOT / "results" / "cpu_float32.txt").read_text().splitlines():
+        if line.startswith("Attention layer: "):
+            title = line[len("Attention layer: "):]
+        elif title and re.match(r"\| \d+ +\| \d+ ", line):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            method = re.sub(r" \[.*\]", "", cells[2])
+            rows.setdefault((title, int(cells[1])), {})[method] = cells
+    return rows
+
+
+def layer_row(rows: dict, layer: str, n: str) -> dict:
+    """The methods' cells of the canonical run at a README layer name and token count."""
+    return next(methods for (title, tokens), methods in rows.items()
+                if title.startswith(LAYERS[layer]) and tokens == int(n.replace(",", "")))
+
+
+def first(cell: str) -> str:
+    return cell.split(" (")[0].rstrip("?")
+
+
+def test_readme_benchmark_table_is_the_canonical_run():
+    rows = canonical_layer_rows()
+    table = readme().split("| layer | N | ours, ms fwd / fwd+bwd |")[1].split("\n\n")[0]
+    checked = 0
+    for line in table.splitlines()[2:]:
+        layer, n, ms, sdpa, official, mib = [c.strip() for c in line.strip("|").split("|")]
+        got = layer_row(rows, layer, n)
+        ours, soft, off = (got[m] for m in ("focused linear (ours)", "softmax, SDPA",
+                                             "focused linear, official"))
+        case = f"[README benchmark row {layer} N={n}]"
+        assert ms == f"{first(ours[3])} / {first(ours[4])}", f"{case} ms: {ms} vs {ours[3:5]}"
+        assert sdpa in ("not run", ours[8].replace("?", "")), f"{case} vs SDPA: {sdpa} vs {ours[8]}"
+        assert sdpa != "not run" or ours[8] == "-", f"{case}: 'not run' but results have {ours[8]}"
+        assert official == ours[9].replace("?", ""), f"{case} vs official: {official} vs {ours[9]}"
+        assert mib == f"{ours[6]} / {soft[6]} / {off[6]}", \
+            f"{case} MiB: {mib} vs {ours[6]} / {soft[6]} / {off[6]}"
+        checked += 1
+    assert checked == 6, f"README benchmark table: {checked} rows checked, expected 6"
+
+
+def test_fast_paths_doc_against_official_is_the_canonical_run():
+    rows = canonical_layer_rows()
+    doc = (ROOT / "docs" / "fast-paths.md").read_text()
+    table = doc.split("| layer | N | vs official |")[1].split("\n\n")[0]
+    for line in table.splitlines()[2:]:
+        layer, ns, ratios, mib = [c.strip() for c in line.strip("|").split("|")]
+        for n, ratio, pair in zip(ns.split(" / "), ratios.split(", "), mib.split(", ")):
+            got = layer_row(rows, layer, n)
+            ours, off = got["focused linear (ours)"], got["focused linear, official"]
+            case = f"[docs/fast-paths.md {layer} N={n}]"
+            assert ratio == ours[9].replace("?", ""), f"{case}: {ratio} vs {ours[9]}"
+            assert pair == f"{ours[6]} / {off[6]}", f"{case}: {pair} vs {ours[6]} / {off[6]}"
