@@ -98,7 +98,8 @@ def repository_copy(dest: Path) -> Path:
 def test_pip_install_into_a_fresh_venv(tmp_path):
     wheel = build_wheel(repository_copy(tmp_path / "src"), tmp_path / "wheels")
     py = make_venv(tmp_path / "venv")
-    run([py, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+    # --ignore-installed: the running environment, which the venv sees, may hold the package
+    run([py, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--ignore-installed",
          "--disable-pip-version-check", wheel], tmp_path, "pip install of the wheel")
     work = tmp_path / "elsewhere"
     work.mkdir()
