@@ -690,7 +690,10 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _check_image(x: torch.Tensor, in_chans: int, min_hw: Tuple[int, int], name: str) -> None:
+def _check_image(x: torch.Tensor, model: nn.Module, min_hw: Tuple[int, int]) -> None:
+    """x must be floating-point images (B, in_chans, H, W) of at least min_hw pixels, in the
+    model's dtype (or under autocast, which casts them)."""
+    name, in_chans = type(model).__name__, model.cfg.in_chans
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} expects images (B, {in_chans}, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
@@ -698,10 +701,15 @@ def _check_image(x: torch.Tensor, in_chans: int, min_hw: Tuple[int, int], name: 
         raise ValueError(f"{name} expects {in_chans} input channels, got {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
     if x.shape[2] < min_hw[0] or x.shape[3] < min_hw[1]:
-        raise ValueError(f"{name} needs images of at least {min_hw[0]}x{min_hw[1]} "
-                         f"(one patch in its last stage), got {x.shape[2]}x{x.shape[3]}")
+        raise ValueError(f"{name} needs images of at least {min_hw[0]}x{min_hw[1]} pixels "
+                         f"(one token after its last downsampling), got {x.shape[2]}x{x.shape[3]}")
     if not x.is_floating_point():
         raise ValueError(f"{name} expects floating-point images, got {x.dtype}")
+    weight = next(model.parameters())
+    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+        raise ValueError(f"{name} has {weight.dtype} weights but the images are {x.dtype}: "
+                         f"cast one to the other (model.to({x.dtype}) or x.to({weight.dtype})), "
+                         "or run under torch.autocast")
 
 
 class _Classifier(nn.Module):
@@ -904,7 +912,7 @@ class PyramidVisionTransformer(_Pyramid):
 
     def _stages(self, x: torch.Tensor):
         """Yield each stage's output tokens (B, H*W, C_i) with H, W."""
-        _check_image(x, self.cfg.in_chans, self._min_size, type(self).__name__)
+        _check_image(x, self, self._min_size)
         for i in range(1, 5):
             x, H, W = getattr(self, f"patch_embed{i}")(x)
             if self.cfg.version == 1:
@@ -1003,7 +1011,7 @@ class VisionTransformer(_Classifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalised tokens (B, 1 + N, C), the class token first."""
         p = self.cfg.patch_size
-        _check_image(x, self.cfg.in_chans, (p, p), type(self).__name__)
+        _check_image(x, self, (p, p))
         x, H, W = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         pe = resample_grid(self.pos_embed, self.grid_size, (H, W), num_prefix_tokens=1)
@@ -1253,7 +1261,7 @@ class SwinTransformer(_Pyramid):
     def _stages(self, x: torch.Tensor):
         """Yield each stage's output tokens (B, H*W, C_i), before its PatchMerging, with H, W."""
         p = self.cfg.patch_size
-        _check_image(x, self.cfg.in_chans, (p, p), type(self).__name__)
+        _check_image(x, self, (p, p))
         x, H, W = self.patch_embed(x)
         x = self.pos_drop(x)
         for stage in self.layers:
@@ -1543,7 +1551,7 @@ class CSwinTransformer(_Pyramid):
 
     def _stages(self, x: torch.Tensor):
         """Yield each stage's output tokens (B, H*W, C_i), before the next merge, with H, W."""
-        _check_image(x, self.cfg.in_chans, (3, 3), type(self).__name__)
+        _check_image(x, self, (3, 3))
         x, H, W = self.stage1_conv_embed(x)
         for i in range(1, 5):
             if i > 1:
@@ -1692,6 +1700,7 @@ def _torch_load(path: Union[str, os.PathLike]) -> object:
     the tensors come out and nothing from the file runs. Anything that is not a checkpoint, or
     pickles a function or class of the standard library, raises one ValueError naming the file.
     """
+    path = os.path.expanduser(path)  # "~/weights.pth" as a shell would read it
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory; expected the path of a checkpoint file "
                                 "(one saved with torch.save) inside it")
@@ -1919,10 +1928,14 @@ def _load_pretrained(model: nn.Module, checkpoint, strict: bool):
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
     if strict and (missing or unexpected or shapes):
-        parts = [f"{title} ({len(keys)}): {', '.join(keys)}" for title, keys in
+        fit = len(set(sd) & set(own)) - len(shapes)
+        parts = [f"{title} ({len(keys)}): {', '.join(keys[:20])}"
+                 + (f", ... {len(keys) - 20} more" if len(keys) > 20 else "") for title, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected),
                   ("shape mismatches", shapes)) if keys]
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+        hint = " (a checkpoint of another model?)" if fit < len(own) // 2 else ""
+        raise ValueError(f"{source} does not fit {type(model).__name__}: {fit} of its "
+                         f"{len(own)} tensors match{hint}; " + "; ".join(parts))
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -1947,7 +1960,7 @@ except ImportError:
 __all__ += ["set_fast_path", "get_fast_path", "fast_path"]
 
 _FAST_PATH_MODES = ("auto", "torch", "off")
-_fast_path_mode = os.environ.get("FLATTEN_FAST_PATH", "auto").strip().lower()
+_fast_path_mode = os.environ.get("FLATTEN_FAST_PATH", "").strip().lower() or "auto"  # "": unset
 
 
 def set_fast_path(mode: str) -> None:
@@ -1983,7 +1996,7 @@ def fast_path(mode: str):
 
 def _choose_path(layer: FocusedLinearAttention, x: torch.Tensor) -> str:
     mode = get_fast_path()
-    if mode == "off" or _is_compiling() or x.shape[0] == 0:
+    if mode == "off" or _is_compiling() or _functorch_active() or x.shape[0] == 0:
         return "reference"
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                            for p in layer.parameters())):
@@ -1994,6 +2007,13 @@ def _choose_path(layer: FocusedLinearAttention, x: torch.Tensor) -> str:
             and not _autocast_enabled(x.device.type):
         return "inference"
     return "reference"
+
+
+def _functorch_active() -> bool:
+    """Inside a torch.func transform (vmap, grad, jacrev, ...), which the fast paths' autograd
+    Functions and out= ops do not support: the reference runs there."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's own check
+    return bool(active is not None and active())
 
 
 def _fast_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int, path: str):

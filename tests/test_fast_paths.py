@@ -178,6 +178,36 @@ def test_set_fast_path_and_the_environment_variable():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=120)
     assert run.returncode != 0 and "FLATTEN_FAST_PATH must be one of auto, torch, off" in run.stderr
+    env["FLATTEN_FAST_PATH"] = " "   # empty: as if unset
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert run.stdout.strip() == "auto", f"FLATTEN_FAST_PATH=' ': {run.stdout} {run.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
+def test_torch_func_transforms_take_the_reference(transform):
+    """Inside torch.func transforms the fast paths' autograd Functions and out= ops do not work
+    (torch raised "must override the setup_context staticmethod" and "Batching rule not
+    implemented for aten::addmm.out"): the reference runs there, with the default mode."""
+    m = randomize(fl.FocusedLinearAttention(16, 16, 2, qkv_bias=True), seed=61)
+    x = seeded(3, 16, 16, seed=62)
+    case = f"[torch.func.{transform}, layer (16, 16 tokens, 2 heads), input 3x16x16 seed=62]"
+    one = lambda t: m(t[None], 4, 4)[0]                          # noqa: E731 - one sample
+    with fast_path("off"):
+        refs = [torch.autograd.functional.jacobian(one, x[i]) for i in range(3)] \
+            if transform != "vmap" else [one(x[i]).detach() for i in range(3)]
+    with fast_path("auto"):
+        if transform == "vmap":
+            with torch.no_grad():
+                got = torch.func.vmap(one)(x)
+            want = torch.stack(refs)
+        elif transform == "grad":
+            got = torch.func.vmap(torch.func.grad(lambda t: one(t).square().sum()))(x)
+            want = torch.stack([(2 * one(x[i]).detach()[..., None, None] * J).sum((0, 1))
+                                for i, J in enumerate(refs)])
+        else:
+            got, want = torch.func.jacrev(one)(x[0]), refs[0]
+    assert_close(got, want, case, 1e-4, 1e-5)
 
 
 # -----------------------------------------------------------------------------

@@ -344,6 +344,26 @@ def test_mismatch_lists_missing_and_unexpected_keys_and_shapes():
         assert part in msg, f"[flatten_pvt_v2_b0 state dict, edited]: '{part}' not in: {msg}"
 
 
+def test_checkpoint_of_another_model_says_so_first_and_stays_short():
+    """A FLatten-PVT-T state dict into FLatten-Swin-T listed every key (10,000 characters):
+    now how many tensors match first, and at most 20 keys per list."""
+    sd = fl.create_model("flatten_pvt_tiny").state_dict()
+    with pytest.raises(ValueError) as err:
+        fl.load_pretrained(fl.create_model("flatten_swin_tiny"), sd)
+    msg = str(err.value)
+    case = "[flatten_pvt_tiny state dict into flatten_swin_tiny]"
+    assert re.search(r"does not fit SwinTransformer: \d+ of its \d+ tensors match \(a checkpoint "
+                     r"of another model\?\)", msg), f"{case}: {msg[:300]}"
+    assert "more" in msg and len(msg) < 3000, f"{case}: {len(msg)} characters"
+
+
+def test_a_path_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    m = fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1))
+    torch.save(m.state_dict(), tmp_path / "w.pth")
+    fl.load_pretrained(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1)), "~/w.pth")
+
+
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_head_kept_for_another_num_classes(num_classes):
     src = randomize(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1)))

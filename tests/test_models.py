@@ -512,6 +512,9 @@ BAD_INPUT = [
      r"3 input channels"),
     ("not-BCHW", lambda: fl.create_model("flatten_pvt_v2_b0")(torch.zeros(3, 64, 64)),
      r"expects images"),
+    ("dtype", lambda: fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1))(
+        torch.zeros(1, 3, 64, 64, dtype=torch.float64)), r"float32 weights but the images are "
+     r"torch.float64: cast one to the other"),
     ("unknown-model", lambda: fl.create_model("flatten_pvt_huge"), r"unknown model"),
     ("unknown-field", lambda: fl.create_model("flatten_pvt_tiny", embed_dim=3),
      r"no config field embed_dim"),
