@@ -176,11 +176,7 @@ class FocusedLinearAttention(nn.Module):
         if v.shape[1] != H * W:
             v = F.interpolate(v.transpose(1, 2), size=H * W, mode="linear", align_corners=False)
             v = v.transpose(1, 2)
-        h = self.num_heads
-        image = _image(v, H, W)                                  # (B, C, H, W)
-        weight = self.dwc.weight.repeat(h, 1, 1, 1).to(v.dtype)  # (C, 1, k, k): head-major C
-        bias = self.dwc.bias.repeat(h).to(v.dtype)
-        return _tokens(conv(image, weight, bias, padding=self.kernel_size // 2, groups=self.dim))
+        return _tokens(_shared_dwc(self.dwc, _image(v, H, W), self.num_heads, conv))
 
     def key_grid(self, H: int, W: int) -> Tuple[int, int]:
         """The grid of key tokens for a query grid H x W (smaller by sr_ratio, floored)."""
@@ -348,6 +344,14 @@ def _image(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
     if _is_compiling():
         return tokens.transpose(1, 2).unflatten(-1, (H, W)).contiguous()
     return tokens.unflatten(1, (H, W)).permute(0, 3, 1, 2)
+
+
+def _shared_dwc(dwc: nn.Conv2d, image: torch.Tensor, heads: int, conv=F.conv2d) -> torch.Tensor:
+    """The DWC: one depthwise k x k kernel (d, 1, k, k) over the d channels of each head, shared
+    by the heads. image (B, h*d, H, W), channels head-major -> (B, h*d, H, W), zero padding."""
+    weight = dwc.weight.repeat(heads, 1, 1, 1).to(image.dtype)     # (h*d, 1, k, k)
+    bias = dwc.bias.repeat(heads).to(image.dtype)
+    return conv(image, weight, bias, padding=dwc.kernel_size[0] // 2, groups=image.shape[1])
 
 
 def _tokens(image: torch.Tensor) -> torch.Tensor:
@@ -1081,21 +1085,23 @@ def _window_mask(Hp: int, Wp: int, H: int, W: int, w: int, shift: int, device) -
     pad = torch.ones(Hp, Wp, dtype=torch.bool, device=device)
     pad[:H, :W] = False
     pad = torch.roll(pad, (-shift, -shift), dims=(0, 1))
-    region, pad = (_windows(t[None, :, :, None], w)[..., 0] for t in (region, pad))
+    region, pad = (_windows(t[None, :, :, None], w, w)[..., 0] for t in (region, pad))
     mask = (region[:, None, :] != region[:, :, None]) | pad[:, None, :]
     return torch.zeros(mask.shape, device=device).masked_fill_(mask, -100.)
 
 
-def _windows(x: torch.Tensor, w: int) -> torch.Tensor:
-    """(B, Hp, Wp, C) -> (B * windows, w * w, C), windows row-major."""
+def _windows(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(B, Hp, Wp, C) -> (B * windows, wh * ww, C): wh x ww windows (Swin's squares, CSWin's
+    stripes) row-major, tokens row-major in each."""
     B, Hp, Wp, C = x.shape
-    x = x.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3)
-    return x.reshape(B * (Hp // w) * (Wp // w), w * w, C)
+    x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).transpose(2, 3)
+    return x.reshape(B * (Hp // wh) * (Wp // ww), wh * ww, C)
 
 
-def _unwindows(x: torch.Tensor, w: int, B: int, Hp: int, Wp: int) -> torch.Tensor:
+def _unwindows(x: torch.Tensor, wh: int, ww: int, B: int, Hp: int, Wp: int) -> torch.Tensor:
+    """The inverse of _windows: (B * windows, wh * ww, C) -> (B, Hp, Wp, C)."""
     C = x.shape[-1]
-    return x.view(B, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+    return x.view(B, Hp // wh, Wp // ww, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
 
 
 class SwinBlock(nn.Module):
@@ -1147,7 +1153,7 @@ class SwinBlock(nn.Module):
                     self._masks[key] = mask
         x = torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x
         mask = None if mask is None else mask.to(x.dtype)
-        x = _unwindows(self.attn(_windows(x, w), mask), w, B, Hp, Wp)
+        x = _unwindows(self.attn(_windows(x, w, w), mask), w, w, B, Hp, Wp)
         x = torch.roll(x, (shift, shift), dims=(1, 2)) if shift else x
         return x[:, :H, :W].reshape(B, H * W, C)
 
@@ -1312,28 +1318,13 @@ class CSwinLinearAttention(nn.Module):
         out = linear_attention(qh, kh, vh, normalizer=self.normalizer)             # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, C)
         image = _image(v, H, W)                                        # (B, C, H, W), raw v
-        weight = self.dwc.weight.repeat(h, 1, 1, 1).to(v.dtype)        # (C, 1, k, k): head-major
-        dwc = F.conv2d(image, weight, self.dwc.bias.repeat(h).to(v.dtype),
-                       padding=self.kernel_size // 2, groups=C)
-        return out + _tokens(dwc) + _tokens(self.get_v(image))
+        return out + _tokens(_shared_dwc(self.dwc, image, h)) + _tokens(self.get_v(image))
 
     def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
         """Resample positional_encoding to a new construction grid, in place (the Parameter
         object and its requires_grad stay)."""
         _resample_parameter(self.positional_encoding, self.grid_size, grid_size)
         self.grid_size = grid_size
-
-
-def _stripes(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
-    """(B, Hp, Wp, C) -> (B * stripes, sh * sw, C): stripes row-major, tokens row-major in each."""
-    B, Hp, Wp, C = x.shape
-    x = x.view(B, Hp // sh, sh, Wp // sw, sw, C).transpose(2, 3)
-    return x.reshape(B * (Hp // sh) * (Wp // sw), sh * sw, C)
-
-
-def _unstripes(x: torch.Tensor, sh: int, sw: int, B: int, Hp: int, Wp: int) -> torch.Tensor:
-    C = x.shape[-1]
-    return x.view(B, Hp // sh, Wp // sw, sh, sw, C).transpose(2, 3).reshape(B, Hp, Wp, C)
 
 
 class StripeAttention(nn.Module):
@@ -1364,7 +1355,7 @@ class StripeAttention(nn.Module):
         sh, sw = min(self.stripe[0] or H, H), min(self.stripe[1] or W, W)  # a stripe's sides
         Hp, Wp = -(-H // sh) * sh, -(-W // sw) * sw                         # the padded grid
         S, T = (Hp // sh) * (Wp // sw), sh * sw                             # stripes, tokens
-        q, k, v = (_stripes(F.pad(t.reshape(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)), sh, sw)
+        q, k, v = (_windows(F.pad(t.reshape(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)), sh, sw)
                    for t in (q, k, v))                                      # (B*S, T, C)
         lepe = _tokens(self.get_v(_image(v, sh, sw)))                       # (B*S, T, C)
         q, k, vh = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))  # (B*S, h, T, d)
@@ -1372,11 +1363,11 @@ class StripeAttention(nn.Module):
         if (Hp, Wp) != (H, W):
             pad = torch.ones(1, Hp, Wp, 1, dtype=torch.bool, device=q.device)
             pad[:, :H, :W] = False
-            pad = _stripes(pad, sh, sw)[:, None, None, :, 0]                # (S, 1, 1, T)
+            pad = _windows(pad, sh, sw)[:, None, None, :, 0]                # (S, 1, 1, T)
             attn = attn.view(B, S, h, T, T).masked_fill(pad, float("-inf")).view(B * S, h, T, T)
         out = self.attn_drop(attn.softmax(dim=-1)) @ vh                     # (B*S, h, T, d)
         out = out.transpose(1, 2).reshape(B * S, T, C) + lepe
-        return _unstripes(out, sh, sw, B, Hp, Wp)[:, :H, :W].reshape(B, N, C)
+        return _unwindows(out, sh, sw, B, Hp, Wp)[:, :H, :W].reshape(B, N, C)
 
 
 class CSwinBlock(nn.Module):
@@ -1902,9 +1893,9 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
     'module.' prefix, adapts keys and sizes with checkpoint_filter_fn, then loads. Any key still
     missing, unexpected or of another shape raises one ValueError that lists them all. A released
     official file loaded into focused linear layers with normalizer="mean" warns (see
-    _warn_released_with_mean). A missing
-    path raises FileNotFoundError, a directory IsADirectoryError, an unreadable (empty,
-    truncated) file or a checkpoint that is neither a path nor a dict a ValueError.
+    _warn_released_with_mean). A missing path raises FileNotFoundError, a directory
+    IsADirectoryError, an unreadable (empty, truncated) file or a checkpoint that is neither a
+    path nor a dict a ValueError.
     """
     return _load_pretrained(model, checkpoint, strict)
 
