@@ -1614,10 +1614,11 @@ def list_models(pattern: str = "") -> List[str]:
     return sorted(name for name in MODELS if pattern in name)
 
 
-def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = None,
-                 **overrides) -> nn.Module:
+def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = None, *,
+                 use_ema: bool = False, **overrides) -> nn.Module:
     """Build a model by name; overrides replace config fields (img_size, num_classes, depths,
-    normalizer, ...). With checkpoint (a path or a state dict), load it through load_pretrained.
+    normalizer, ...). With checkpoint (a path or a state dict), load it through load_pretrained,
+    strictly; use_ema=True loads the checkpoint's EMA weights instead of its 'model' weights.
 
     The released official checkpoints were trained with the sum normaliser:
     create_model("flatten_pvt_tiny", checkpoint=path, normalizer="sum").
@@ -1633,7 +1634,7 @@ def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = No
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     model = _FAMILIES[cfg_cls](cfg_cls(**{**base, **tuples}))
     if checkpoint is not None:
-        _load_pretrained(model, checkpoint, strict=True)
+        _load_pretrained(model, checkpoint, strict=True, use_ema=use_ema)
     return model
 
 
@@ -1705,6 +1706,11 @@ def _torch_load(path: Union[str, os.PathLike]) -> object:
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - every failure becomes one ValueError
             new = set(_unsafe_globals(path, err)) - names if _is_unpickling(err) else set()
+            if any(n.startswith("torch.nn.modules.") for n in new):
+                raise ValueError(f"{path} holds a pickled module (a file of torch.save(model)), "
+                                 "whose classes loading would have to import and run; expected "
+                                 "weights: save them with torch.save(model.state_dict(), path) "
+                                 "and load that file") from None
             refused = sorted(n for n in new if n.split(".")[0] in _STDLIB
                              and n not in _STDLIB_DATA_CLASSES)
             if refused:
@@ -1748,15 +1754,30 @@ def _damage(path, err: Exception) -> str:
     return ""
 
 
-def _unwrap(checkpoint, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+# Where a checkpoint dict holds its weights, in the order they are looked for: the official
+# FLatten and L2ViT files keep the weights under 'model' and, trained with an EMA, the EMA copy
+# under 'state_dict_ema' (FLatten-CSwin) or 'model_ema' (L2ViT, timm's scripts).
+_WEIGHTS_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+
+
+def _unwrap(checkpoint, source: str = "checkpoint",
+            use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: under the first of _WEIGHTS_KEYS it holds (the key
+    order of the file does not matter), or under the first of _EMA_KEYS with use_ema, or the
+    checkpoint itself; tensors only, a 'module.' prefix (DistributedDataParallel) dropped."""
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{source} holds a {type(checkpoint).__name__}; expected a state dict "
-                         "(a dict of tensors) or a dict holding one under 'model', "
-                         "'state_dict' or 'model_ema'")
-    for key in ("model", "state_dict", "model_ema"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
+                         "(a dict of tensors) or a dict holding one under "
+                         f"{', '.join(map(repr, _WEIGHTS_KEYS))}")
+    keys = _EMA_KEYS if use_ema else _WEIGHTS_KEYS
+    found = [k for k in keys if isinstance(checkpoint.get(k), dict)]
+    if use_ema and not found:
+        raise ValueError(f"use_ema=True but {source} holds no EMA weights (no "
+                         f"{' or '.join(map(repr, _EMA_KEYS))}; top-level keys: "
+                         f"{sorted(map(str, checkpoint))[:10]})")
+    if found:
+        checkpoint = checkpoint[found[0]]
     sd = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise ValueError(f"no tensors found in {source} (top-level keys: "
@@ -1885,22 +1906,27 @@ def _table_layout(model: nn.Module, key: str) -> Tuple[int, Tuple[int, int]]:
 
 
 def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
-                    strict: bool = True):
-    """Load a checkpoint (path or dict) into `model`: official FLatten files or our own.
+                    strict: bool = True, *, use_ema: bool = False):
+    """Load a checkpoint (path or dict) into `model`: official FLatten / L2ViT files or our own.
 
     A path is read with torch.load(weights_only=True): no pickled code runs (see _torch_load for
-    the config objects of the released files). Unwraps 'model' / 'state_dict' containers and a
-    'module.' prefix, adapts keys and sizes with checkpoint_filter_fn, then loads. Any key still
-    missing, unexpected or of another shape raises one ValueError that lists them all. A released
-    official file loaded into focused linear layers with normalizer="mean" warns (see
-    _warn_released_with_mean). A missing path raises FileNotFoundError, a directory
-    IsADirectoryError, an unreadable (empty, truncated) file or a checkpoint that is neither a
-    path nor a dict a ValueError.
+    the config objects of the released files). Takes the weights under 'model' (or
+    'state_dict', ...: _WEIGHTS_KEYS), with use_ema=True the EMA weights under 'model_ema' or
+    'state_dict_ema' instead (a ValueError if the file has none); drops a 'module.' prefix;
+    adapts keys and sizes with checkpoint_filter_fn, then loads.
+
+    strict=True: any key still missing, unexpected or of another shape raises one ValueError
+    that lists them all. strict=False: loads every tensor that fits and warns once, listing
+    what it left out (missing, unexpected and mis-shaped keys). Returns load_state_dict's
+    (missing_keys, unexpected_keys). A released official FLatten file loaded into focused linear
+    layers with normalizer="mean" warns (see _warn_released_with_mean). A missing path raises
+    FileNotFoundError, a directory IsADirectoryError, an unreadable (empty, truncated) file, a
+    pickled module or a checkpoint that is neither a path nor a dict a ValueError.
     """
-    return _load_pretrained(model, checkpoint, strict)
+    return _load_pretrained(model, checkpoint, strict, use_ema)
 
 
-def _load_pretrained(model: nn.Module, checkpoint, strict: bool):
+def _load_pretrained(model: nn.Module, checkpoint, strict: bool, use_ema: bool = False):
     """load_pretrained, which create_model calls too: a warning points at their caller."""
     if not isinstance(checkpoint, (dict, str, os.PathLike)):
         given, hint = _describe(checkpoint)
@@ -1912,21 +1938,27 @@ def _load_pretrained(model: nn.Module, checkpoint, strict: bool):
         source = str(checkpoint)
         checkpoint = _torch_load(checkpoint)
     _warn_released_with_mean(checkpoint, model, source)
-    sd = checkpoint_filter_fn(_unwrap(checkpoint, source), model)
+    sd = checkpoint_filter_fn(_unwrap(checkpoint, source, use_ema), model)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if strict and (missing or unexpected or shapes):
+    shapes = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
         fit = len(set(sd) & set(own)) - len(shapes)
         parts = [f"{title} ({len(keys)}): {', '.join(keys[:20])}"
                  + (f", ... {len(keys) - 20} more" if len(keys) > 20 else "") for title, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected),
-                  ("shape mismatches", shapes)) if keys]
-        hint = " (a checkpoint of another model?)" if fit < len(own) // 2 else ""
-        raise ValueError(f"{source} does not fit {type(model).__name__}: {fit} of its "
-                         f"{len(own)} tensors match{hint}; " + "; ".join(parts))
+                  ("shape mismatches", [f"{k}: checkpoint {tuple(sd[k].shape)} vs model "
+                                        f"{tuple(own[k].shape)}" for k in shapes])) if keys]
+        if strict:
+            hint = " (a checkpoint of another model?)" if fit < len(own) // 2 else ""
+            raise ValueError(f"{source} does not fit {type(model).__name__}: {fit} of its "
+                             f"{len(own)} tensors match{hint}; " + "; ".join(parts))
+        warnings.warn(f"load_pretrained(strict=False) loaded {fit} of the {len(own)} tensors of "
+                      f"{type(model).__name__} from {source} and left out " + "; ".join(parts),
+                      UserWarning, stacklevel=3)
+        for k in shapes:
+            del sd[k]
     return model.load_state_dict(sd, strict=strict)
 
 

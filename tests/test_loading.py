@@ -392,3 +392,110 @@ def test_weights_for_224_load_into_a_model_built_at_another_size(name):
     assert torch.equal(a, b), \
         f"[{name} 224 weights built at 320x448, input 1x3x320x448 seed=14]: max |diff| " \
         f"{(a - b).abs().max():.3g}"
+
+
+# -----------------------------------------------------------------------------
+# The weights and the EMA weights of one file; strict=False; a pickled module
+
+
+def two_weight_sets():
+    """Two different weight sets of one small model: the raw and the EMA weights of a file."""
+    raw = randomize(small_pvt(), seed=1).state_dict()
+    ema = randomize(small_pvt(), seed=2).state_dict()
+    return raw, ema
+
+
+def loaded_from(checkpoint, **kwargs):
+    m = small_pvt()
+    fl.load_pretrained(m, checkpoint, **kwargs)
+    return m.state_dict()
+
+
+def same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("ema_key", ["model_ema", "state_dict_ema"])
+@pytest.mark.parametrize("ema_first", [False, True], ids=["model-first", "ema-first"])
+def test_model_weights_by_default_ema_weights_on_request(ema_key, ema_first):
+    """A file with both (the released L2ViT 'best-ema' files: 'model' and 'model_ema'; the
+    FLatten-CSwin ones: 'model' and 'state_dict_ema') loads 'model' whatever the key order, and
+    the EMA copy with use_ema=True (load_pretrained and create_model)."""
+    raw, ema = two_weight_sets()
+    items = [("model", raw), (ema_key, ema), ("epoch", "best-ema")]
+    ckpt = dict(reversed(items) if ema_first else items)
+    case = f"[file with 'model' and {ema_key!r}, {'EMA' if ema_first else 'model'} first]"
+    assert same_weights(loaded_from(ckpt), raw), f"{case}: default did not load 'model'"
+    assert same_weights(loaded_from(ckpt, use_ema=True), ema), f"{case}: use_ema=True"
+    m = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=4,
+                        checkpoint=ckpt, use_ema=True)
+    assert same_weights(m.state_dict(), ema), f"{case}: create_model(use_ema=True)"
+
+
+def test_use_ema_without_ema_weights_says_so(tmp_path):
+    raw, _ = two_weight_sets()
+    for ckpt in ({"model": raw, "epoch": 3}, raw):
+        with pytest.raises(ValueError, match=r"use_ema=True but .* holds no EMA weights \(no "
+                                             r"'model_ema' or 'state_dict_ema'"):
+            loaded_from(ckpt, use_ema=True)
+
+
+def test_strict_false_loads_what_fits_and_warns_what_it_left_out():
+    """Never torch's RuntimeError (25,000 characters for a checkpoint of another model): the
+    tensors that fit load, the rest is named in one warning."""
+    raw, _ = two_weight_sets()
+    sd = dict(raw)
+    sd.pop("block1.0.attn.q.weight")
+    sd["block9.0.foo"] = torch.zeros(1)
+    sd["patch_embed1.proj.bias"] = torch.zeros(7)
+    m = small_pvt()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fl.load_pretrained(m, sd, strict=False)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and caught[0].filename == __file__, \
+        f"[strict=False, edited state dict]: expected one warning at the caller, got {msgs}"
+    for part in ("missing keys (1): block1.0.attn.q.weight", "unexpected keys (1): block9.0.foo",
+                 "patch_embed1.proj.bias: checkpoint (7,) vs model (64,)"):
+        assert part in msgs[0], f"[strict=False]: '{part}' not in: {msgs[0]}"
+    now = m.state_dict()
+    assert torch.equal(now["patch_embed1.proj.bias"], before["patch_embed1.proj.bias"])
+    assert torch.equal(now["block1.0.attn.q.weight"], before["block1.0.attn.q.weight"])
+    differ = [k for k in sd if k in now and k != "patch_embed1.proj.bias"
+              and not torch.equal(now[k], sd[k])]
+    assert not differ, f"[strict=False]: tensors that fit were not loaded: {differ}"
+    # a tensor of another shape is left out, so the model misses it
+    assert sorted(result.missing_keys) == ["block1.0.attn.q.weight", "patch_embed1.proj.bias"], \
+        result
+    assert result.unexpected_keys == ["block9.0.foo"], result
+
+
+def test_strict_false_with_a_checkpoint_of_another_model_stays_short():
+    sd = fl.create_model("flatten_pvt_tiny", depths=(1, 1, 1, 1)).state_dict()
+    m = fl.create_model("flatten_swin_tiny", depths=(1, 1, 1, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fl.load_pretrained(m, sd, strict=False)
+    msg = str(caught[0].message)
+    assert len(caught) == 1 and "more" in msg and len(msg) < 3000, \
+        f"[flatten_pvt_tiny into flatten_swin_tiny, strict=False]: {len(msg)} characters"
+
+
+def test_strict_false_that_fits_does_not_warn():
+    raw, _ = two_weight_sets()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert same_weights(loaded_from(raw, strict=False), raw)
+
+
+@pytest.mark.parametrize("what", ["module", "module in a dict"])
+def test_pickled_module_says_to_save_the_state_dict(tmp_path, what):
+    m = small_pvt()
+    path = tmp_path / "whole_model.pth"
+    torch.save(m if what == "module" else {"model": m, "epoch": 1}, path)
+    with pytest.raises(ValueError) as err:
+        fl.load_pretrained(small_pvt(), path)
+    msg = str(err.value)
+    assert "pickled module" in msg and "model.state_dict()" in msg and str(path) in msg, \
+        f"[torch.save of a {what}]: {msg}"
