@@ -23,6 +23,7 @@ Nothing runs or prints at import or construction.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import numbers
 import os
@@ -1717,8 +1718,16 @@ _FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
 
 
 def list_models(pattern: str = "") -> List[str]:
-    """Names create_model knows, optionally those containing `pattern`."""
-    return sorted(name for name in MODELS if pattern in name)
+    """Names create_model knows, sorted, or those `pattern` selects: with a wildcard (*, ? or
+    [...]) the names it matches whole, as timm's list_models ("*swin*", "flatten_swin_*");
+    without, the names in which it stands as whole words between underscores ("swin": the Swin
+    models, not CSwin; "flatten", "tiny", "pvt_v2"). "" or "*": every name."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string, got {type(pattern).__name__}")
+    if any(c in pattern for c in "*?["):
+        return sorted(fnmatch.filter(MODELS, pattern))
+    words = re.compile(rf"(^|_){re.escape(pattern)}(_|$)")
+    return sorted(name for name in MODELS if not pattern or words.search(name))
 
 
 def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = None, *,

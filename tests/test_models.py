@@ -240,6 +240,35 @@ def test_set_input_size_non_square_equals_on_the_fly_resampling(name):
 # The timm-style API
 
 
+SWIN = ["flatten_swin_base", "flatten_swin_base_384", "flatten_swin_small", "flatten_swin_tiny",
+        "swin_base", "swin_small", "swin_tiny"]
+CSWIN = ["cswin_base", "cswin_small", "cswin_tiny", "flatten_cswin_base", "flatten_cswin_base_384",
+         "flatten_cswin_small", "flatten_cswin_tiny"]
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("swin", SWIN),                                   # a whole word: not CSwin
+    ("cswin", CSWIN),
+    ("*swin*", sorted(SWIN + CSWIN)),                 # timm's wildcards match whole names
+    ("flatten_swin_*", SWIN[:4]),
+    ("swin_tiny", ["flatten_swin_tiny", "swin_tiny"]),
+    ("*_base_38?", ["flatten_cswin_base_384", "flatten_swin_base_384"]),
+    ("[cs]win_tiny", ["swin_tiny"]),
+    ("sw", []),                                       # part of a word: nothing
+    ("swin_tiny_x", []),
+])
+def test_list_models_patterns(pattern, expected):
+    assert fl.list_models(pattern) == expected, f"list_models({pattern!r})"
+
+
+def test_list_models_everything_and_bad_patterns():
+    names = fl.list_models()
+    assert names == sorted(fl.MODELS) == fl.list_models("*"), "list_models() / ('*')"
+    assert fl.list_models("tiny") == [n for n in names if n.endswith("_tiny")], "tiny"
+    with pytest.raises(ValueError, match="pattern must be a string, got list"):
+        fl.list_models(["swin"])
+
+
 def test_model_api():
     names = fl.list_models()
     expected = {"flatten_pvt_tiny", "flatten_pvt_v2_b5", "flatten_deit_base", "pvt_large",
