@@ -209,7 +209,7 @@ def test_linear_order_equals_explicit_matrix(case, normalizer, eps, head_views):
 @pytest.mark.parametrize("normalizer", ["mean", "sum"])
 def test_key_padding_mask_equals_the_explicit_matrix_of_the_real_keys(normalizer):
     """linear_attention(..., key_padding_mask): sequences of 6, 2, 4 and 0 real keys padded to 7
-    with NaN and 1e30 keys and values (padding may hold anything) give what the explicit N x n
+    with infinite keys and NaN values (padding may hold anything) give what the explicit N x n
     matrix of each sequence's real keys alone gives (analysis.linear_attention_matrix, whose mean
     normaliser counts those keys), gradients included (none for padding); no real key: zeros."""
     g = torch.Generator().manual_seed(11)
@@ -218,8 +218,8 @@ def test_key_padding_mask_equals_the_explicit_matrix_of_the_real_keys(normalizer
     q = fl.focus(randn(g, B, h, N, d), 3.0).requires_grad_()
     k, v = fl.focus(randn(g, B, h, n, d), 3.0), randn(g, B, h, n, d + 1)
     mask = torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]         # True: padding
-    k = k.masked_fill(mask[:, None, :, None], float("nan")).requires_grad_()
-    v = v.masked_fill(mask[:, None, :, None], 1e30).requires_grad_()
+    k = k.masked_fill(mask[:, None, :, None], float("inf")).requires_grad_()
+    v = v.masked_fill(mask[:, None, :, None], float("nan")).requires_grad_()
     out = fl.linear_attention(q, k, v, normalizer=normalizer, key_padding_mask=mask)
     gq, gk, gv = torch.autograd.grad(out.square().sum(), (q, k, v))
     for b, L in enumerate(lengths):
