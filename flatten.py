@@ -371,19 +371,18 @@ def _check_focus_args(x: torch.Tensor, scale) -> None:
     if not isinstance(scale, torch.Tensor):
         raise ValueError(f"focus: scale must be a tensor of positive numbers (e.g. (C,)) or None, "
                          f"got {type(scale).__name__}")
-    try:
-        fits = torch.broadcast_shapes(scale.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    sizes = scale.shape[::-1]  # trailing sides first: each 1 or x's (broadcasting, x kept)
+    if len(sizes) > x.dim() or any(a not in (1, b) for a, b in zip(sizes, x.shape[::-1])):
         raise ValueError(f"focus: scale of shape {tuple(scale.shape)} does not broadcast to x of "
                          f"shape {tuple(x.shape)}; expected e.g. ({x.shape[-1]},)")
     # reading values waits for the device (a sync on a GPU) and breaks a torch.compile graph:
-    # checked on the CPU only, where it costs microseconds
-    if scale.device.type == "cpu" and not _is_compiling() and not _functorch_active() \
-            and not bool(((scale > 0) & (scale < math.inf)).all()):
-        raise ValueError("focus: scale must be positive and finite (it divides the features), got "
-                         f"values from {scale.min().item():g} to {scale.max().item():g}")
+    # checked on the CPU only, where it costs a few microseconds
+    if scale.device.type == "cpu" and scale.numel() and not _is_compiling() \
+            and not _functorch_active():
+        low, high = scale.min().item(), scale.max().item()
+        if not 0 < low <= high < math.inf:  # NaN too
+            raise ValueError("focus: scale must be positive and finite (it divides the features),"
+                             f" got values from {low:g} to {high:g}")
 
 
 def _check_attention_args(q, k, v, key_padding_mask) -> None:
