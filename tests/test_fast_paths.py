@@ -138,7 +138,7 @@ def test_every_path_agrees_from_1e_minus_20_to_1e20(request, path):
         device = request.getfixturevalue("triton_on_cpu")
         m, x0 = m.to(device), x0.to(device)
     grad = path == "train"
-    for s in SCALES:
+    for s in SCALES if path != "triton" else SCALES[::2]:  # the interpreter: 1e-20, 1, 1e20
         what = f"[{path}, input 2x17x32 seed=82 times {s:g}, float32]"
         x = x0 * s
         with fast_path("off"):
