@@ -376,9 +376,10 @@ def _check_focus_args(x: torch.Tensor, scale) -> None:
         raise ValueError(f"focus: scale of shape {tuple(scale.shape)} does not broadcast to x of "
                          f"shape {tuple(x.shape)}; expected e.g. ({x.shape[-1]},)")
     # reading values waits for the device (a sync on a GPU) and breaks a torch.compile graph:
-    # checked on the CPU only, where it costs a few microseconds
-    if scale.device.type == "cpu" and scale.numel() and not _is_compiling() \
-            and not _functorch_active():
+    # checked on the CPU only, where it costs a few microseconds, and on plain tensors (not a
+    # tracer's fake ones, which hold no values)
+    if type(scale) in (torch.Tensor, nn.Parameter) and scale.device.type == "cpu" \
+            and scale.numel() and not _is_compiling() and not _functorch_active():
         low, high = scale.min().item(), scale.max().item()
         if not 0 < low <= high < math.inf:  # NaN too
             raise ValueError("focus: scale must be positive and finite (it divides the features),"

@@ -627,12 +627,18 @@ def test_bad_input_raises_a_value_error_saying_what_was_expected(call, expected)
 
 def test_focus_reads_scale_values_only_where_it_costs_no_wait():
     """A zero scale is refused on the CPU (a few microseconds), but not read where that waits for
-    a device or breaks a graph: on the meta device (no values) and under torch.func."""
+    a device or breaks a graph: on the meta device and fake tensors (no values; the GMAC counts
+    of the models run on fake tensors) and under torch.func."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     zero = torch.tensor([1., 0., 1., 1.])
     with pytest.raises(ValueError, match="scale must be positive"):
         fl.focus(torch.ones(2, 4), 3, zero)
     out = fl.focus(torch.ones(2, 4, device="meta"), 3, zero.to("meta"))
     assert out.shape == (2, 4) and out.device.type == "meta", "[meta device] focus"
+    with FakeTensorMode():
+        out = fl.focus(torch.ones(2, 4), 3, torch.tensor([1., 0., 1., 1.]))
+    assert out.shape == (2, 4), "[fake tensors] focus"
     out = torch.func.vmap(lambda t: fl.focus(t, 3, zero))(torch.ones(2, 4))
     assert out.shape == (2, 4), "[torch.func.vmap] focus"
 
