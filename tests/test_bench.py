@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from common import assert_close
 from tabulate import tabulate_formats
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -521,6 +522,58 @@ def test_models_takes_the_cswin_pair_and_pairs_flatten_cswin_with_cswin():
     assert bench.model_macs(small, 1, 64) > 0, "[cswin_tiny at 64] no multiply-add count"
 
 
+def test_models_pairs_l2vit_tiny_with_swin_tiny():
+    """L2ViT-T's softmax pair is Swin-T (its widths, depths, heads and window); the pair shows
+    in the models table, and L2ViT's first attention stage is its stem's grid."""
+    args = bench.parse_args(["--resolutions", "64", "--sections", "models", "--models",
+                             "l2vit_tiny", "swin_tiny"])
+    rows = bench.plan(args)
+    ours, softmax = (rows[bench.Case("models", n, n, 64)] for n in ("l2vit_tiny", "swin_tiny"))
+    for row, seconds in ((ours, 2.0), (softmax, 3.0)):  # made-up times: the pairing, not speed
+        for cell in row.cells.values():
+            cell.status, cell.times_s = "ok", [seconds]
+    assert bench.ratios(rows, ours)["vs_softmax_train"] == (1.5, False), \
+        f"[l2vit_tiny vs swin_tiny at 64] {bench.ratios(rows, ours)}"
+    assert bench.ratios(rows, softmax)["vs_softmax_fwd"] == (None, False)
+    facts = dict(device="cpu", device_name="CPU", torch="t", dtype="float32", threads=1,
+                 batch_size=1, timer="t", cpus=2, threads_note="")
+    line = next(x for x in bench.render(rows, facts).splitlines() if "| l2vit_tiny" in x)
+    assert line.rstrip(" |").endswith("1.50 / 1.50"), f"[models table] {line}"
+    small = fl.create_model("l2vit_tiny", depths=(1, 1, 1, 1), num_classes=2)
+    assert bench.first_attention_tokens(small, 66) == 17 * 17, "L2ViT: the stem pads to 4"
+    assert bench.model_macs(small, 1, 64) > 0, "[l2vit_tiny at 64] no multiply-add count"
+
+
+@pytest.mark.parametrize("shape", list(bench.SHAPES))
+def test_l2vit_official_formulation_is_the_l2vit_layer(shape):
+    """l2vit-official runs the official formulation on the l2vit layer's weights: the same
+    function (outputs and every gradient), and the l2vit row's "vs official" is against it."""
+    grid = (3, 5)
+    calls = {m: bench.layer_calls(m, bench.SHAPES[shape], grid, CPU, torch.float64, 2, 3)
+             for m in bench.L2VIT_METHODS}
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in calls["l2vit"]["module"].parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    calls["l2vit-official"]["module"].load_state_dict(calls["l2vit"]["module"].state_dict())
+    case = f"[{shape} layer, grid {grid}, batch 2, seed 3, weights N(0, 0.5^2) seed 4]"
+    assert_close(calls["l2vit"]["fwd"](), calls["l2vit-official"]["fwd"](),
+                 f"{case} l2vit vs l2vit-official output", 1e-12, 1e-12)
+    for name, a, b in zip([n for n, _ in calls["l2vit"]["module"].named_parameters()] + ["x"],
+                          calls["l2vit"]["fwdbwd"](), calls["l2vit-official"]["fwdbwd"]()):
+        assert_close(a, b, f"{case} gradient of {name}", 1e-10, 1e-12)
+    args = bench.parse_args([*SMALL[:-len(TINY)], "--methods", "ours", "official", "l2vit",
+                             "l2vit-official"])
+    rows = bench.plan(args)
+    for seconds, method in enumerate(args.methods, start=1):  # made-up times
+        for cell in rows[bench.Case("layers", "pvt", method, 32)].cells.values():
+            cell.status, cell.times_s = "ok", [float(seconds)]
+    got = {m: bench.ratios(rows, rows[bench.Case("layers", "pvt", m, 32)])["vs_official_fwd"]
+           for m in args.methods}
+    assert got == {"ours": (2.0, False), "official": (1.0, False), "l2vit": (4 / 3, False),
+                   "l2vit-official": (1.0, False)}, f"[vs official of each method] {got}"
+
+
 # -----------------------------------------------------------------------------
 # Budgets, skips, OOM, Ctrl-C
 
@@ -866,7 +919,7 @@ def counted_macs(fn):
 
 
 @pytest.mark.parametrize("method", ["sdpa", "explicit", "ours", "ours-torch", "reference",
-                                    "official", "vanilla", "l2vit"])
+                                    "official", "vanilla", "l2vit", "l2vit-official"])
 @pytest.mark.parametrize(("B", "C", "heads", "prefix", "grid"),
                          [(2, 48, 3, 1, (3, 5)), (1, 64, 1, 0, (4, 4))])
 def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
@@ -879,6 +932,8 @@ def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
     H, W = grid
     x = torch.randn(B, prefix + H * W, C)
     def fn():
+        if method == "l2vit-official":
+            return bench.l2vit_official_forward(layer, x, H, W)
         return fl.official_forward(layer, x, H, W) if method == "official" else layer(x, H, W)
 
     want = bench.layer_macs(method, B, prefix + H * W, C, heads, H * W)
