@@ -1761,7 +1761,8 @@ class L2ViT(_Pyramid):
         self.downsample_layers = nn.ModuleList(
             [L2ViTStem(cfg.in_chans, cfg.dims[0])]
             + [L2ViTDownsample(cfg.dims[i - 1], cfg.dims[i]) for i in range(1, 4)])
-        dpr = iter(torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist())
+        # numbers on the CPU, also for a model built under torch.device("meta")
+        dpr = iter(torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist())
         self.stages = nn.ModuleList([nn.ModuleList([
             LWABlock(dim, h, cfg.window_size, r, qkv_bias=cfg.qkv_bias, drop_path=next(dpr))
             if j % 2 == 0 else LGABlock(dim, h, r, qkv_bias=cfg.qkv_bias, drop_path=next(dpr))
