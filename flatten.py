@@ -1714,20 +1714,19 @@ class L2ViTDownsample(nn.Module):
 class L2ViTConfig:
     """An L^2ViT: four stages of dims / depths / num_heads, each alternating window blocks
     (window_size: 7, or 12 for L2ViT-B at 384) and global linear blocks, the window block first.
-
-    img_size is the size the weights were trained at; nothing depends on it (no position
-    tables): any H x W runs.
+    The fields in the official constructor's order, then img_size: the size the weights were
+    trained at, on which nothing depends (no position tables): any H x W runs.
     """
-    img_size: Union[int, Tuple[int, int]] = 224
     in_chans: int = 3
     num_classes: int = 1000
-    dims: Tuple[int, ...] = (96, 192, 384, 768)
-    depths: Tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: Tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 7
-    mlp_ratios: Tuple[float, ...] = (4., 4., 4., 4.)
-    qkv_bias: bool = True
+    mlp_ratios: Tuple[float, float, float, float] = (4., 4., 4., 4.)
+    depths: Tuple[int, int, int, int] = (2, 2, 6, 2)
+    num_heads: Tuple[int, int, int, int] = (3, 6, 12, 24)
+    dims: Tuple[int, int, int, int] = (96, 192, 384, 768)
     drop_path_rate: float = 0.
+    window_size: int = 7
+    qkv_bias: bool = True
+    img_size: Union[int, Tuple[int, int]] = 224
 
 
 class L2ViT(_Pyramid):

@@ -504,44 +504,34 @@ def test_first_attention_tokens_come_from_the_built_model():
     cswin = fl.create_model("flatten_cswin_tiny", img_size=64, depths=(1, 1, 1, 1),
                             num_classes=2)
     assert bench.first_attention_tokens(cswin, 64) == 16 * 16, "CSwin: 7x7 stride-4 stem"
+    l2vit = fl.create_model("l2vit_tiny", depths=(1, 1, 1, 1), num_classes=2)
+    assert bench.first_attention_tokens(l2vit, 66) == 17 * 17, "L2ViT: the stem pads to 4"
 
 
-def test_models_takes_the_cswin_pair_and_pairs_flatten_cswin_with_cswin():
+# L2ViT-T's softmax pair is Swin-T (its widths, depths, heads and window): SOFTMAX_PAIRS
+PAIRS = [("flatten_cswin_tiny", "cswin_tiny", dict(depths=(1, 1, 1, 1))),
+         ("l2vit_tiny", "swin_tiny", dict(depths=(1, 1, 1, 1), dims=(24, 48, 48, 96)))]
+
+
+@pytest.mark.parametrize("ours_name,softmax_name,small", PAIRS, ids=[p[0] for p in PAIRS])
+def test_models_takes_the_pair_and_pairs_it(ours_name, softmax_name, small):
     args = bench.parse_args(["--resolutions", "64", "--sections", "models", "--models",
-                             "flatten_cswin_tiny", "cswin_tiny"])
-    assert args.models == ["flatten_cswin_tiny", "cswin_tiny"], args.models
+                             ours_name, softmax_name])
+    assert args.models == [ours_name, softmax_name], args.models
     rows = bench.plan(args)
     ours, softmax = (rows[bench.Case("models", n, n, 64)] for n in args.models)
     for row, seconds in ((ours, 1.0), (softmax, 3.0)):  # made-up times: the pairing, not speed
         for cell in row.cells.values():
             cell.status, cell.times_s = "ok", [seconds]
     assert bench.ratios(rows, ours)["vs_softmax_fwd"] == (3.0, False), \
-        f"[flatten_cswin_tiny vs cswin_tiny at 64] {bench.ratios(rows, ours)}"
-    assert bench.ratios(rows, softmax)["vs_softmax_fwd"] == (None, False)
-    small = fl.create_model("cswin_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=2)
-    assert bench.model_macs(small, 1, 64) > 0, "[cswin_tiny at 64] no multiply-add count"
-
-
-def test_models_pairs_l2vit_tiny_with_swin_tiny():
-    """L2ViT-T's softmax pair is Swin-T (its widths, depths, heads and window); the pair shows
-    in the models table, and L2ViT's first attention stage is its stem's grid."""
-    args = bench.parse_args(["--resolutions", "64", "--sections", "models", "--models",
-                             "l2vit_tiny", "swin_tiny"])
-    rows = bench.plan(args)
-    ours, softmax = (rows[bench.Case("models", n, n, 64)] for n in ("l2vit_tiny", "swin_tiny"))
-    for row, seconds in ((ours, 2.0), (softmax, 3.0)):  # made-up times: the pairing, not speed
-        for cell in row.cells.values():
-            cell.status, cell.times_s = "ok", [seconds]
-    assert bench.ratios(rows, ours)["vs_softmax_train"] == (1.5, False), \
-        f"[l2vit_tiny vs swin_tiny at 64] {bench.ratios(rows, ours)}"
+        f"[{ours_name} vs {softmax_name} at 64] {bench.ratios(rows, ours)}"
     assert bench.ratios(rows, softmax)["vs_softmax_fwd"] == (None, False)
     facts = dict(device="cpu", device_name="CPU", torch="t", dtype="float32", threads=1,
                  batch_size=1, timer="t", cpus=2, threads_note="")
-    line = next(x for x in bench.render(rows, facts).splitlines() if "| l2vit_tiny" in x)
-    assert line.rstrip(" |").endswith("1.50 / 1.50"), f"[models table] {line}"
-    small = fl.create_model("l2vit_tiny", depths=(1, 1, 1, 1), num_classes=2)
-    assert bench.first_attention_tokens(small, 66) == 17 * 17, "L2ViT: the stem pads to 4"
-    assert bench.model_macs(small, 1, 64) > 0, "[l2vit_tiny at 64] no multiply-add count"
+    line = next(x for x in bench.render(rows, facts).splitlines() if f"| {ours_name} " in x)
+    assert line.rstrip(" |").endswith("3.00 / 3.00"), f"[models table] {line}"
+    m = fl.create_model(ours_name, img_size=64, num_classes=2, **small)
+    assert bench.model_macs(m, 1, 64) > 0, f"[{ours_name} at 64] no multiply-add count"
 
 
 @pytest.mark.parametrize("shape", list(bench.SHAPES))
