@@ -18,13 +18,15 @@ import argparse
 import json
 import math
 import pickle
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from common import DATA, assert_close, official_micro, seeded
+from common import DATA, ROOT, assert_close, official_micro, seeded
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import flatten as fl
 
 FIXTURE = "fixture_l2vit_micro.pt"
@@ -546,3 +548,73 @@ def test_bad_input_raises_a_value_error_saying_what_was_expected():
                         (torch.zeros(1, 3, 32, 32, dtype=torch.float64), r"float32 weights")):
         with pytest.raises(ValueError, match=expected):
             m(x)
+
+
+# -----------------------------------------------------------------------------
+# 6. The README's L2ViT claims (and docs/benchmark.md's pair)
+
+
+def flat(path):
+    return " ".join((ROOT / path).read_text().split())
+
+
+def numbers(text):
+    return [float(n.replace(",", "")) for n in re.findall(r"[\d,]*\d\.?\d*", text)]
+
+
+def test_readme_model_rows_and_counts_are_the_manifests():
+    text = flat("README.md")
+    mans = {size: read_manifest(size) for size in MANIFESTS}
+    sizes = ("tiny", "small", "base", "base_384")
+    gm = [mans[s][f"gmacs_{mans[s]['readme']['resolution']}"] for s in sizes]
+    counts = [mans[s]["num_parameters"] for s in sizes]
+    row = re.search(r"\| l2vit_tiny / small / base \(L²ViT\) \| ([^|]+)\| ([^|]+)\|", text)
+    row384 = re.search(r"\| l2vit_base_384 \(L²ViT\) \| ([^|]+)\| ([^|]+)\|", text)
+    assert row and row384, "README: the L2ViT model rows are missing"
+    assert row.group(1).split() == [f"{c / 1e6:.2f}M" if c else "/" for c in
+                                    (counts[0], 0, counts[1], 0, counts[2])], row.group(1)
+    assert numbers(row.group(2)) == [round(g, 2) for g in gm[:3]], row.group(2)
+    assert (row384.group(1).strip(), numbers(row384.group(2))) == \
+        (f"{counts[3] / 1e6:.2f}M", [round(gm[3], 2)]), row384.groups()
+    m = re.search(r"L²ViT-T / S / B have ([\d,]+) / ([\d,]+) / ([\d,]+) parameters.*?has "
+                  r"([\d,]+)\)\. Their GMACs above, ([\d. /]+) to three places.*?README's "
+                  r"([\d.G /]+) come from its own counter.*?\(([\d. /]+) GMACs by that counter",
+                  text)
+    assert m, "README: the L2ViT counts sentence is missing"
+    assert numbers(" ".join(m.groups()[:4])) == counts[:3] + [mans["base_22k"]["num_parameters"]]
+    assert numbers(m.group(5)) == [round(g, 3) for g in gm], m.group(5)
+    assert m.group(6).split(" / ") == [mans[s]["readme"]["flops"] for s in sizes], m.group(6)
+    official = [mans[s][f"official_counter_gmacs_{mans[s]['readme']['resolution']}"]
+                for s in sizes]
+    assert numbers(m.group(7)) == [round(g, 3) for g in official], m.group(7)
+
+
+def test_readme_maps_the_six_released_files_to_models():
+    section = (ROOT / "README.md").read_text().split("**The released L²ViT checkpoints.**")[1]
+    rows = re.findall(r"^\| `(L2ViT-[\w-]+\.pth)` \| `(\w+)`(, `num_classes=(\d+)`)? [^|]*\| "
+                      r"(\d+)² \| (yes|no) \|$", section, re.M)
+    files = {f: (size, man) for size in MANIFESTS for man in [read_manifest(size)]
+             for f in man["readme"]["files"]}
+    assert sorted(r[0] for r in rows) == sorted(files) and len(files) == 6, \
+        f"README: released files {[r[0] for r in rows]}, manifests {sorted(files)}"
+    for file, name, _, classes, res, ema in rows:
+        size, man = files[file]
+        assert (name, int(classes or 1000)) == MANIFESTS[size], f"README: {file} -> {name}"
+        assert int(res) == man["readme"]["resolution"], f"README: {file} at {res}"
+        assert (ema == "yes") == ("best-ema" in file or "finetune" in file), f"README: {file}"
+
+
+def test_readme_bench_command_and_the_pair_in_docs(untruncated_init):
+    readme, docs = flat("README.md"), flat("docs/benchmark.md")
+    command = re.search(r"`python bench\.py (--methods sdpa l2vit l2vit-official [^`]+)`", readme)
+    assert command, "README: the L2ViT benchmark command is missing"
+
+    args = bench.parse_args(command.group(1).split())
+    assert args.models == ["l2vit_tiny", "swin_tiny"] and \
+        bench.softmax_pair("l2vit_tiny") == "swin_tiny", args.models
+    models = {n: fl.create_model(n).to("meta") for n in ("l2vit_tiny", "swin_tiny")}
+    got = [round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for m in models.values()]
+    got += [round(gmacs(m, 224)[0], 2) for m in models.values()]
+    m = re.search(r"\(([\d.]+)M against ([\d.]+)M parameters, ([\d.]+) against ([\d.]+) GMACs "
+                  r"at 224\)", docs)
+    assert m and numbers(" ".join(m.groups())) == got, f"docs/benchmark.md: {m and m.groups()}"
