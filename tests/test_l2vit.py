@@ -520,6 +520,22 @@ def test_model_api(capfd):
                                        "l2vit_tiny"], fl.list_models("l2vit")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_attention_in_half_precision_sums_in_float32(dtype):
+    """q . sum_j k_j over 1024 tokens reaches ~1e6, past float16's 65504: the attention computes
+    in float32 inside and returns the input's dtype, close to the float32 result."""
+    attn = fl.L2ViTAttention(16, 2, qkv_bias=True).eval()
+    with torch.no_grad():
+        attn.qkv.weight.mul_(50)
+    x = seeded(1, 1024, 16, seed=6)
+    case = f"[L2ViTAttention(16, 2) with qkv x 50, input 1x1024x16 seed=6, {dtype}]"
+    with torch.no_grad():
+        ref = attn(x)
+        out = attn.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all(), f"{case}: {out.dtype}, not finite"
+    assert_close(out, ref, f"{case} vs float32", rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+
+
 BAD_CONFIG = [
     ("dims-length", dict(dims=(16, 32, 64)), r"dims needs 4 entries"),
     ("dims-odd-stem", dict(dims=(15, 32, 64, 128)), r"the first even"),
