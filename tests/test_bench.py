@@ -534,8 +534,18 @@ def test_models_takes_the_pair_and_pairs_it(ours_name, softmax_name, small):
     assert bench.model_macs(m, 1, 64) > 0, f"[{ours_name} at 64] no multiply-add count"
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for this test (float64 depthwise convolutions on a busy machine's
+    thread pool took seconds per call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape", list(bench.SHAPES))
-def test_l2vit_official_formulation_is_the_l2vit_layer(shape):
+def test_l2vit_official_formulation_is_the_l2vit_layer(shape, single_thread):
     """l2vit-official runs the official formulation on the l2vit layer's weights: the same
     function (outputs and every gradient), and the l2vit row's "vs official" is against it."""
     grid = (3, 5)
