@@ -1747,8 +1747,7 @@ class L2ViT(_Pyramid):
             if len(getattr(cfg, name)) != 4:
                 raise ValueError(f"{name} needs 4 entries (one per stage), "
                                  f"got {getattr(cfg, name)}")
-        if not all(_is_int(d) and d > 1 and d % 2 == 0 for d in cfg.dims[:1]) or \
-                not all(_is_int(d) and d > 0 for d in cfg.dims):
+        if not all(_is_int(d) and d > 0 for d in cfg.dims) or cfg.dims[0] % 2:
             raise ValueError(f"dims must be positive ints, the first even (the stem's first conv "
                              f"has dims[0] / 2 channels), got {cfg.dims}")
         if not _is_int(cfg.window_size) or cfg.window_size < 1:
