@@ -390,28 +390,28 @@ def same_weights(model, sd):
     return ours.keys() == sd.keys() and all(torch.equal(ours[k], sd[k]) for k in sd)
 
 
-@pytest.fixture
-def namespaces_built(monkeypatch):
-    """The argparse.Namespace objects built from now on (as unpickling the file's 'args' with the
-    real class would build one): the tests write their files first, then clear it."""
+def namespaces_built_from_now(monkeypatch) -> list:
+    """The argparse.Namespace objects built from now on: unpickling a file's 'args' with the real
+    class looks up argparse.Namespace, here a subclass that records each one built; loading with
+    inert stand-ins builds none. (Call it after writing the file.)"""
     built = []
 
-    def spy(cls, *args, **kwargs):
-        built.append(cls)
-        return object.__new__(cls)
-    monkeypatch.setattr(argparse.Namespace, "__new__", spy)
+    class Watched(argparse.Namespace):
+        def __new__(cls, *args, **kwargs):
+            built.append(cls)
+            return super().__new__(cls)
+    monkeypatch.setattr(argparse, "Namespace", Watched)
     return built
 
 
-def test_best_ema_file_loads_model_by_default_and_ema_on_request(fixture, tmp_path,
-                                                                 namespaces_built):
+def test_best_ema_file_loads_model_by_default_and_ema_on_request(fixture, tmp_path, monkeypatch):
     """An L2ViT-T-checkpoint-best-ema.pth-like file: 'model' (what the official evaluation
     loads) by default, 'model_ema' with use_ema=True, through load_pretrained and
     create_model; its pickled Namespace loads as inert data, nothing from it runs."""
     sd = fixture["state_dict"]
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}
     path = released_file(tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth", sd, ema)
-    namespaces_built.clear()
+    namespaces_built = namespaces_built_from_now(monkeypatch)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # what users hit with the released files
     for use_ema, expected in ((False, sd), (True, ema)):
@@ -428,7 +428,7 @@ def test_best_ema_file_loads_model_by_default_and_ema_on_request(fixture, tmp_pa
 
 
 def test_22k_pretrain_head_loads_into_21841_classes_and_is_kept_otherwise(fixture, tmp_path,
-                                                                         namespaces_built):
+                                                                         monkeypatch):
     """The 22k pretrain file (no EMA, a 21,841-class head): into num_classes=21841 everything
     loads; into 1000 classes the body loads and the model keeps its own head."""
     body = {k: v for k, v in fixture["state_dict"].items() if not k.startswith("head.")}
@@ -436,7 +436,7 @@ def test_22k_pretrain_head_loads_into_21841_classes_and_is_kept_otherwise(fixtur
     head = {"head.weight": torch.randn(21841, 128, generator=g), "head.bias": torch.zeros(21841)}
     path = released_file(tmp_path / "L2ViT-Base-22k-pretrain-checkpoint-best.pth",
                          {**body, **head}, epoch="best")
-    namespaces_built.clear()
+    namespaces_built = namespaces_built_from_now(monkeypatch)
     m = fl.create_model("l2vit_tiny", **{**MICRO, "num_classes": 21841}, checkpoint=path)
     assert same_weights(m, {**body, **head}), "[22k file into num_classes=21841] weights differ"
     m = fl.create_model("l2vit_tiny", **{**MICRO, "num_classes": 1000})
