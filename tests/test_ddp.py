@@ -148,6 +148,7 @@ def test_ddp_two_ranks_stay_identical(tmp_path):
             f"{sorted(NEVER_TRAINED.get(name, set()))}"
 
 
+@pytest.mark.usefixtures("one_thread")  # conftest.py: steadier on a busy machine
 @pytest.mark.parametrize("name", ["pvt", "swin", "cswin", "deit", "l2vit"])
 def test_every_parameter_reaches_the_loss(name):
     """Every parameter gets a gradient that is not all zeros (DDP's find_unused_parameters only
