@@ -770,7 +770,8 @@ class _Pyramid(_Classifier):
     """The API of the multi-stage backbones (PVT, Swin, CSwin) on their _stages(x), which yields
     each stage's output tokens (B, H_i*W_i, C_i) with H_i, W_i, and on feature_info, one dict per
     stage set by the family: num_chs (C_i), reduction (its stride in pixels) and module (the
-    module that ends the stage), as timm lists them. Pooling: the mean over tokens."""
+    module whose output is the stage's tokens), as timm lists them. Pooling: the mean over
+    tokens."""
 
     final_norm = False  # forward_features ends with self.norm
     feature_info: List[dict]
@@ -849,6 +850,12 @@ def _check_output_fmt(output_fmt: str) -> bool:
 def _feature_map(tokens: torch.Tensor, H: int, W: int, channels_last: bool) -> torch.Tensor:
     """(B, H*W, C) -> a feature map (B, C, H, W), or (B, H, W, C) with channels_last."""
     return tokens.unflatten(1, (H, W)) if channels_last else _image(tokens, H, W)
+
+
+def _last_block(blocks: str, depth: int) -> str:
+    """feature_info's module of a stage: its last block, whose output is the stage's tokens
+    (the block list itself when the stage has none)."""
+    return f"{blocks}.{depth - 1}" if depth else blocks
 
 
 def _drop_path_rates(rate: float, n: int) -> List[float]:
@@ -958,7 +965,7 @@ class PyramidVisionTransformer(_Pyramid):
             self.grid_sizes.append(hw)
             self.feature_info.append(dict(num_chs=cfg.embed_dims[i], reduction=stride,
                                           module=f"norm{i + 1}" if cfg.version == 2
-                                          else f"block{i + 1}"))
+                                          else _last_block(f"block{i + 1}", cfg.depths[i])))
             setattr(self, f"patch_embed{i + 1}", embed)
             if cfg.version == 1:
                 setattr(self, f"pos_embed{i + 1}",
@@ -1369,7 +1376,8 @@ class SwinTransformer(_Pyramid):
         dpr = _drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         self.layers = nn.ModuleList()
         self.feature_info = [dict(num_chs=cfg.embed_dim * 2 ** i, reduction=p * 2 ** i,
-                                  module=f"layers.{i}.blocks") for i in range(n)]
+                                  module=_last_block(f"layers.{i}.blocks", cfg.depths[i]))
+                             for i in range(n)]
         for i in range(n):
             dim = cfg.embed_dim * 2 ** i
             blocks = [SwinBlock(dim, cfg.num_heads[i], grid, cfg.window_size, j % 2 == 1,
@@ -1645,7 +1653,8 @@ class CSwinTransformer(_Pyramid):
             raise ValueError(f"img_size {cfg.img_size} is below the smallest input, 3x3")
         dpr = _drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         self.feature_info = [dict(num_chs=cfg.embed_dim * 2 ** i, reduction=4 * 2 ** i,
-                                  module=f"stage{i + 1}") for i in range(4)]
+                                  module=_last_block(f"stage{i + 1}", cfg.depths[i]))
+                             for i in range(4)]
         for i in range(4):
             dim = cfg.embed_dim * 2 ** i
             if i:
@@ -1894,10 +1903,10 @@ class EvalTransform:
     crop_mode "squash" (the official FLatten pipeline) resizes to floor(size / crop_pct) on each
     side whatever the aspect ratio, "center" (timm's default) the short side to
     floor(size / crop_pct) keeping the aspect ratio; then the centre size x size crop (offsets
-    rounded as torchvision rounds them), then (x - mean) / std. The resize is antialiased
-    (F.interpolate(antialias=True): the resampling filter of PIL, which the official pipeline
-    runs on); uint8 images are rounded and clipped to [0, 255] after it, as PIL does, float
-    images clipped to [0, 1].
+    rounded as torchvision rounds them), then (x - mean) / std. The resize is PIL's, which the
+    official pipeline runs: an antialiased filter (F.interpolate(antialias=True) computes the
+    same weights) over the width, then over the height, uint8 images rounded and clipped to
+    [0, 255] after each pass (float images clipped to [0, 1]).
     """
     in_chans: int
     size: Tuple[int, int]
@@ -1931,11 +1940,14 @@ class EvalTransform:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         x = self._check(image)                                      # (B, C, H, W)
+        H = x.shape[-2]
         rh, rw = self.resize_size(*x.shape[-2:])
-        uint8 = x.dtype == torch.uint8
-        x = F.interpolate(x.float(), size=(rh, rw), mode=self.interpolation, align_corners=False,
-                          antialias=True)
-        x = x.round().clamp(0, 255) / 255 if uint8 else x.clamp(0, 1)
+        uint8, x = x.dtype == torch.uint8, x.float()
+        for size in ((H, rw), (rh, rw)):  # as PIL: the width, then the height, each pass clipped
+            x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
+                              antialias=True)
+            x = x.round().clamp(0, 255) if uint8 else x.clamp(0, 1)
+        x = x / 255 if uint8 else x
         h, w = self.size
         top, left = int(round((rh - h) / 2)), int(round((rw - w) / 2))
         x = x[..., top:top + h, left:left + w]                      # (B, C, h, w)
