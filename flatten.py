@@ -5,11 +5,14 @@ Huang; ICCV 2023 (arXiv 2308.00442). Official code: github.com/LeapLabTHU/FLatte
 
 torch and the Python standard library only: copy this file into your project. Top to bottom:
   1. the method: the focused kernel phi_p (focus), linear attention (linear_attention) and the
-     module FocusedLinearAttention, whose forward reads like the paper;
+     module FocusedLinearAttention, whose forward reads like the paper (FocusedLinearAttention2d:
+     the same on (B, C, H, W) feature maps);
   2. comparators: softmax, vanilla linear and L2ViT attention, and official_forward (the
      official code's formulation, op by op);
   3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT, FLatten-Swin and FLatten-CSwin
-     with their softmax counterparts; create_model and list_models;
+     with their softmax counterparts, timm's API (forward_intermediates, feature_info);
+     create_model and list_models; the official evaluation settings of each name
+     (pretrained_cfg) and its preprocessing (eval_transform);
   4. checkpoint loading (load_pretrained) of the released official files;
   5. fast paths (optional reading): faster ways to the same function, behind one switch
      (set_fast_path), tested equal to the reference. Section 1 with its helpers stands alone
@@ -755,6 +758,15 @@ class _Classifier(nn.Module):
         like = next(self.parameters())  # a new head on the model's device, in its dtype
         self.head = nn.Linear(self.num_features, num_classes, device=like.device,
                               dtype=like.dtype) if num_classes > 0 else nn.Identity()
+
+    @property
+    def head_hidden_size(self) -> int:
+        """The width of forward_head(x, pre_logits=True), as timm names it: num_features."""
+        return self.num_features
+
+    @property
+    def in_chans(self) -> int:
+        return self.cfg.in_chans
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier; num_classes=0 makes forward return pooled features."""
