@@ -484,7 +484,7 @@ def test_empty_batch():
     out.sum().backward()
     with torch.no_grad():
         assert m.eval()(x).shape == (0, 5), f"{case} eval: logits {tuple(m(x).shape)}"
-        maps = [tuple(t.shape) for t in m.forward_intermediates(x)]
+        maps = [tuple(t.shape) for t in m.forward_intermediates(x, intermediates_only=True)]
     expected = [(0, 16, 13, 18), (0, 32, 7, 9), (0, 32, 4, 5), (0, 64, 2, 3)]
     assert maps == expected, f"{case}: forward_intermediates {maps}, expected {expected}"
 
@@ -505,11 +505,11 @@ def test_model_api(capfd):
                        for i, (t, h, w) in enumerate(stages)}}
         got = {"forward_features": m.forward_features(x), "forward": m(x),
                **{f"forward_intermediates[{i}]": t for i, t in
-                  enumerate(m.forward_intermediates(x))}}
+                  enumerate(m.forward_intermediates(x, intermediates_only=True))}}
     assert (H, W) == (2, 3), f"{case}: last grid {H}x{W}"
     for what, value in expected.items():
         assert torch.equal(got[what], value), f"{case}: {what} {tuple(got[what].shape)}"
-    assert m.feature_info == [dict(num_chs=c, reduction=r, module=f"stages.{i}") for i, (c, r) in
+    assert m.feature_info == [dict(num_chs=c, reduction=r, module=f"stages.{i}.1") for i, (c, r) in
                               enumerate(zip(SMALL["dims"], (4, 8, 16, 32)))], m.feature_info
     m.reset_classifier(11)
     with torch.no_grad():

@@ -261,7 +261,7 @@ def test_model_api():
         assert feats.shape == (2, 2 * 3, 256), f"{case}: forward_features {tuple(feats.shape)}"
         assert torch.equal(m.forward_head(feats, pre_logits=True), out), \
             f"{case}: forward_head(pre_logits=True) differs from forward"
-        maps = [tuple(t.shape) for t in m.forward_intermediates(x)]
+        maps = [tuple(t.shape) for t in m.forward_intermediates(x, intermediates_only=True)]
     assert maps == [(2, 32, 16, 24), (2, 64, 8, 12), (2, 160, 4, 6), (2, 256, 2, 3)], \
         f"{case}: forward_intermediates {maps}"
     m.reset_classifier(11)
@@ -318,7 +318,7 @@ def test_every_registered_model_takes_an_empty_batch(name, untruncated_init):
         out = m.eval()(x)
         assert out.shape == (0, 7), f"{case} eval: logits {tuple(out.shape)}"
         if hasattr(m, "forward_intermediates"):
-            maps = m.forward_intermediates(x)
+            maps = m.forward_intermediates(x, intermediates_only=True)
             assert maps and all(t.dim() == 4 and t.shape[0] == 0 for t in maps), \
                 f"{case}: forward_intermediates {[tuple(t.shape) for t in maps]}"
 
