@@ -5,12 +5,15 @@ Huang; ICCV 2023 (arXiv 2308.00442). Official code: github.com/LeapLabTHU/FLatte
 
 torch and the Python standard library only: copy this file into your project. Top to bottom:
   1. the method: the focused kernel phi_p (focus), linear attention (linear_attention) and the
-     module FocusedLinearAttention, whose forward reads like the paper;
+     module FocusedLinearAttention, whose forward reads like the paper (FocusedLinearAttention2d:
+     the same on (B, C, H, W) feature maps);
   2. comparators: softmax, vanilla linear and L2ViT attention, and official_forward (the
      official code's formulation, op by op);
   3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT, FLatten-Swin and FLatten-CSwin
-     with their softmax counterparts; create_model and list_models;
-  4. checkpoint loading (load_pretrained) of the released official files;
+     with their softmax counterparts, and L2ViT; timm's API (forward_intermediates,
+     feature_info); create_model and list_models; the official evaluation settings of each
+     name (pretrained_cfg) and its preprocessing (eval_transform);
+  4. checkpoint loading (load_pretrained) of the released official files (FLatten, L2ViT);
   5. fast paths (optional reading): faster ways to the same function, behind one switch
      (set_fast_path), tested equal to the reference. Section 1 with its helpers stands alone
      (the whole method), and section 5 can be deleted: forward is then the reference.
@@ -41,7 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # each section adds its public names
-__all__ = ["focus", "linear_attention", "FocusedLinearAttention", "resample_grid"]
+__all__ = ["focus", "linear_attention", "FocusedLinearAttention", "FocusedLinearAttention2d",
+           "resample_grid"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -232,6 +236,29 @@ class FocusedLinearAttention(nn.Module):
         """Which implementation forward(x, H, W) takes: "reference" (the code above) or the name
         of a fast path (section 5; set_fast_path chooses which may run)."""
         return "reference" if _FAST_PATHS is None else _FAST_PATHS.choose(self, x)
+
+
+class FocusedLinearAttention2d(FocusedLinearAttention):
+    """FocusedLinearAttention on feature maps: forward(x) takes x (B, dim, H, W) and returns
+    (B, dim, H, W), at any H x W: after a CNN's feature maps (a detector's P3-P5, a U-Net's
+    bottleneck). Same constructor, parameters and state_dict keys as FocusedLinearAttention:
+    num_patches (or grid_size) is the grid its positional encoding is learned on, resampled at
+    any other. The attention alone, as in a transformer block: add the residual (and a norm) in
+    the network around it, e.g. x = x + attn(x). Class tokens (num_prefix_tokens) do not apply.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_prefix_tokens:
+            raise ValueError("FocusedLinearAttention2d takes feature maps, which have no class "
+                             f"tokens; got num_prefix_tokens={self.num_prefix_tokens}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.dim:
+            raise ValueError(f"expected feature maps (B, {self.dim}, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+        H, W = x.shape[-2:]
+        return _image(super().forward(_tokens(x), H, W), H, W)          # (B, C, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -586,45 +613,82 @@ class VanillaLinearAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
-class L2ViTLinearAttention(nn.Module):
-    """L^2ViT's global linear attention followed by its Local Concentration Module (LCM).
+class L2ViTAttention(nn.Module):
+    """L^2ViT's global linear attention, with the official keys (temperature, qkv, proj).
 
-    Attention, per head: a_i = q_i (K^T V * t) / max(q_i . sum_j k_j, 100), ReLU kernel on q and
-    k, t a learnable per-head temperature initialised to d^-1/2, then proj. The LCM (depthwise
-    7x7 conv, GELU, BatchNorm, depthwise 7x7 conv over the patch-token grid) is its own pre-norm
-    residual branch after the attention. forward(x, H, W) returns the sum of both branches'
-    updates, a + LCM(LN(x + a)), so that x + forward(x) is L^2ViT's x + a, then + LCM(LN(.)).
-    Class tokens (num_prefix_tokens) take part in the attention but not in the LCM.
+    forward(x): x (B, N, C) -> (B, N, C), over all N tokens; per head, with ReLU on q and k,
+
+        a_i = q_i (K^T V * t) / max(q_i . sum_j k_j, 100)
+
+    a sum over the keys (not a mean) and an absolute clamp at 100 (no epsilon); t the head's
+    learnable temperature, (h, 1, 1) initialised to d^-1/2, which scales the head's output and
+    not its denominator. Half-precision inputs compute in float32 (the sums overflow float16).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False):
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), (dim // num_heads) ** -.5))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        dt = _compute_dtype(x)
+        with _autocast_off(x.device.type):
+            q, k, v = F.relu(qkv[0].to(dt)), F.relu(qkv[1].to(dt)), qkv[2].to(dt)  # (B, h, N, d)
+            kv = (k.transpose(-2, -1) @ v) * self.temperature.to(dt)               # (B, h, d, d)
+            z = (q @ k.sum(dim=-2).unsqueeze(-1)).clamp_min(100.)                  # (B, h, N, 1)
+            out = ((q @ kv) / z).to(x.dtype)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class LCM(nn.Module):
+    """L^2ViT's Local Concentration Module on an image (B, C, H, W) -> (B, C, H, W): depthwise
+    k x k conv, GELU, BatchNorm, depthwise k x k conv, zero padding (the official keys conv1,
+    bn, conv2)."""
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"the LCM kernel_size must be an odd positive int, "
+                             f"got {kernel_size!r}")
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=pad, groups=dim)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=pad, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.bn(self.act(self.conv1(x))))
+
+
+class L2ViTLinearAttention(nn.Module):
+    """L^2ViT's global linear attention followed by its Local Concentration Module (LCM), as one
+    layer with forward(x, H, W) like the others: the global block of the L2ViT models in section
+    3 without its CPE and MLP.
+
+    attn (L2ViTAttention) runs on x; the LCM is its own pre-norm residual branch after it, on the
+    patch tokens as an H x W image. forward returns the sum of both branches' updates,
+    a + LCM(LN(x + a)), so that x + forward(x) is L^2ViT's x + a, then + LCM(LN(.)). Class
+    tokens (num_prefix_tokens) take part in the attention but not in the LCM.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, lcm_kernel: int = 7,
                  *, num_prefix_tokens: int = 0):
         super().__init__()
-        _check_heads(dim, num_heads)
-        self.dim, self.num_heads, self.num_prefix_tokens = dim, num_heads, num_prefix_tokens
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.temperature = nn.Parameter(torch.full((1, num_heads, 1, 1), (dim // num_heads) ** -.5))
+        self.dim, self.num_prefix_tokens = dim, num_prefix_tokens
+        self.attn = L2ViTAttention(dim, num_heads, qkv_bias)
         self.lcm_norm = nn.LayerNorm(dim)
-        pad = lcm_kernel // 2
-        self.lcm = nn.Sequential(
-            nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim), nn.GELU(),
-            nn.BatchNorm2d(dim), nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim))
+        self.lcm = LCM(dim, lcm_kernel)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         P = self.num_prefix_tokens
         _check_tokens(x, H, W, P, self.dim)
-        B, N, C = x.shape
-        k, v = self.kv(x).chunk(2, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-                   for t in (self.q(x), k, v))
-        q, k = F.relu(q), F.relu(k)
-        kv = (k.transpose(-2, -1) @ v) * self.temperature                         # (B, h, d, d)
-        z = (q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)).clamp_min(100.)  # (B, h, N, 1)
-        a = self.proj(((q @ kv) / z).transpose(1, 2).reshape(B, N, C))
-        grid = _image(self.lcm_norm(x[:, P:] + a[:, P:]), H, W)
-        lcm = _tokens(self.lcm(grid))
+        a = self.attn(x)
+        lcm = _tokens(self.lcm(_image(self.lcm_norm(x[:, P:] + a[:, P:]), H, W)))
         return torch.cat([a[:, :P], a[:, P:] + lcm], dim=1) if P else a + lcm
 
 
@@ -690,8 +754,9 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
 # 3. Backbones
 
 __all__ += ["PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
-            "SwinConfig", "SwinTransformer", "CSwinConfig", "CSwinTransformer", "MODELS",
-            "create_model", "list_models"]
+            "SwinConfig", "SwinTransformer", "CSwinConfig", "CSwinTransformer", "L2ViTConfig",
+            "L2ViT", "MODELS", "create_model", "list_models", "PRETRAINED_CFGS", "pretrained_cfg",
+            "eval_transform", "EvalTransform"]
 
 
 class DropPath(nn.Module):
@@ -835,7 +900,18 @@ class _Classifier(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), "
                              f"got {num_classes!r}")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        like = next(self.parameters())  # a new head on the model's device, in its dtype
+        self.head = nn.Linear(self.num_features, num_classes, device=like.device,
+                              dtype=like.dtype) if num_classes > 0 else nn.Identity()
+
+    @property
+    def head_hidden_size(self) -> int:
+        """The width of forward_head(x, pre_logits=True), as timm names it: num_features."""
+        return self.num_features
+
+    @property
+    def in_chans(self) -> int:
+        return self.cfg.in_chans
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier; num_classes=0 makes forward return pooled features."""
@@ -848,17 +924,48 @@ class _Classifier(nn.Module):
 
 
 class _Pyramid(_Classifier):
-    """The API of the four-stage backbones (PVT, Swin, CSwin) on their _stages(x), which yields
-    each stage's output tokens (B, H_i*W_i, C_i) with H_i, W_i. Pooling: the mean over tokens."""
+    """The API of the multi-stage backbones (PVT, Swin, CSwin) on their _stages(x), which yields
+    each stage's output tokens (B, H_i*W_i, C_i) with H_i, W_i, and on feature_info, one dict per
+    stage set by the family: num_chs (C_i), reduction (its stride in pixels) and module (the
+    module whose output is the stage's tokens), as timm lists them. Pooling: the mean over
+    tokens."""
 
     final_norm = False  # forward_features ends with self.norm
+    feature_info: List[dict]
 
     def _stages(self, x: torch.Tensor):
         raise NotImplementedError
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The stage outputs as feature maps [(B, C_i, H_i, W_i)], for dense prediction."""
-        return [_image(t, H, W) for t, H, W in self._stages(x)]
+    def forward_intermediates(self, x: torch.Tensor,
+                              indices: Union[None, int, Sequence[int]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The stage outputs as feature maps, for dense prediction (timm's interface).
+
+        indices: the stages to return (0 is the first): None all, an int n the last n, or a
+        sequence of indices (negative ones count from the end); the maps come in stage order.
+        norm: apply the final norm (the models that have one) to the last stage's map, the one
+        it is made for. stop_early: run no stage after the last one asked for. output_fmt:
+        "NCHW" maps (B, C_i, H_i, W_i) or "NHWC" (B, H_i, W_i, C_i).
+        Returns the list of maps with intermediates_only=True, else (final features, maps): the
+        final features as forward_features returns them (the last stage's tokens, normalised by
+        the final norm); after a stop_early before the last stage, the tokens of the last stage
+        run, without the final norm (it follows the last stage only).
+        """
+        num_stages = len(self.feature_info)
+        take, last = _feature_indices(num_stages, indices, "stages")
+        channels_last = _check_output_fmt(output_fmt)
+        maps = []
+        for i, (tokens, H, W) in enumerate(self._stages(x)):
+            normed = self.final_norm and i == num_stages - 1
+            if i in take:
+                t = self.norm(tokens) if norm and normed else tokens
+                maps.append(_feature_map(t, H, W, channels_last))
+            if stop_early and i == last:
+                break
+        if intermediates_only:
+            return maps
+        return (self.norm(tokens) if normed else tokens), maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the last stage's tokens (B, N_4, C_4), normalised by the final norm
@@ -872,15 +979,58 @@ class _Pyramid(_Classifier):
         return x if pre_logits else self.head(x)
 
 
+def _feature_indices(num: int, indices, what: str) -> Tuple[set, int]:
+    """timm's `indices` of forward_intermediates over `num` stages or blocks: None all, an int n
+    the last n, a sequence of indices (negative from the end). Returns (the set, its largest)."""
+    if indices is None:
+        return set(range(num)), num - 1
+    if _is_int(indices):
+        if not 1 <= indices <= num:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {num} {what}; "
+                             f"expected an int from 1 to {num}")
+        return set(range(num - indices, num)), num - 1
+    given = list(indices) if isinstance(indices, (list, tuple, range)) else None
+    if not given or not all(_is_int(i) and -num <= i < num for i in given):
+        raise ValueError(f"indices must be None, an int or a non-empty sequence of ints in "
+                         f"[{-num}, {num - 1}] ({num} {what}), got {indices!r}")
+    take = {i % num for i in given}
+    return take, max(take)
+
+
+def _check_output_fmt(output_fmt: str) -> bool:
+    """True for "NHWC" (channels last), False for "NCHW"."""
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    return output_fmt == "NHWC"
+
+
+def _feature_map(tokens: torch.Tensor, H: int, W: int, channels_last: bool) -> torch.Tensor:
+    """(B, H*W, C) -> a feature map (B, C, H, W), or (B, H, W, C) with channels_last."""
+    return tokens.unflatten(1, (H, W)) if channels_last else _image(tokens, H, W)
+
+
+def _last_block(blocks: str, depth: int) -> str:
+    """feature_info's module of a stage: its last block, whose output is the stage's tokens
+    (the block list itself when the stage has none)."""
+    return f"{blocks}.{depth - 1}" if depth else blocks
+
+
+def _drop_path_rates(rate: float, n: int) -> List[float]:
+    """Stochastic depth rising linearly over the n blocks, 0 to rate (computed on the CPU, so
+    that a model builds under torch.device("meta") too)."""
+    return torch.linspace(0, rate, n, device="cpu").tolist()
+
+
 def _check_config(cfg) -> None:
-    """The fields every backbone config shares, checked: focusing_factor, normalizer, the dropout
+    """The fields the backbone configs share, checked: focusing_factor, normalizer, the dropout
     rates (numbers in [0, 1): drop_path_rate 1 gives NaN logits in training, anything outside
     fails deep inside the first training forward), the block counts (ints >= 0) and the MLP
     ratios (numbers > 0)."""
-    _check_focusing_factor(cfg.focusing_factor)
-    _check_normalizer(cfg.normalizer)
+    if hasattr(cfg, "focusing_factor"):  # the FLatten families
+        _check_focusing_factor(cfg.focusing_factor)
+        _check_normalizer(cfg.normalizer)
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        r = getattr(cfg, name)
+        r = getattr(cfg, name, 0.)  # L2ViT has drop_path_rate alone
         if not _is_real(r) or not 0 <= r < 1:  # nan too
             raise ValueError(f"{name} must be a number in [0, 1), got {r!r}")
     depths = cfg.depths if hasattr(cfg, "depths") else (cfg.depth,)
@@ -954,10 +1104,11 @@ class PyramidVisionTransformer(_Pyramid):
         self.cfg = cfg
         self.num_features = cfg.embed_dims[-1]
         img_size = _to_2tuple(cfg.img_size, "img_size")
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        dpr = _drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.grid_sizes: List[Tuple[int, int]] = []
-        hw, cur = img_size, 0
+        self.feature_info: List[dict] = []
+        hw, cur, stride = img_size, 0, 1
         for i in range(4):
             in_chans = cfg.in_chans if i == 0 else cfg.embed_dims[i - 1]
             if cfg.version == 1:
@@ -966,10 +1117,13 @@ class PyramidVisionTransformer(_Pyramid):
             else:
                 k, s = (7, 4) if i == 0 else (3, 2)
                 embed = PatchEmbed(in_chans, cfg.embed_dims[i], k, s, k // 2)
-            hw = embed.out_size(*hw)
+            hw, stride = embed.out_size(*hw), stride * embed.stride
             if min(hw) < 1:
                 raise ValueError(f"img_size {img_size} leaves no tokens in stage {i + 1}")
             self.grid_sizes.append(hw)
+            self.feature_info.append(dict(num_chs=cfg.embed_dims[i], reduction=stride,
+                                          module=f"norm{i + 1}" if cfg.version == 2
+                                          else _last_block(f"block{i + 1}", cfg.depths[i])))
             setattr(self, f"patch_embed{i + 1}", embed)
             if cfg.version == 1:
                 setattr(self, f"pos_embed{i + 1}",
@@ -1093,7 +1247,7 @@ class VisionTransformer(_Classifier):
         self.pos_embed = nn.Parameter(
             torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], cfg.embed_dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = _drop_path_rates(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList([
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, self.grid_size,
                   attn_type=cfg.attn_type, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
@@ -1102,6 +1256,8 @@ class VisionTransformer(_Classifier):
                   normalizer=cfg.normalizer, num_prefix_tokens=1)
             for i in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.feature_info = [dict(num_chs=cfg.embed_dim, reduction=p, module=f"blocks.{i}")
+                             for i in range(cfg.depth)]
         self._make_head(cfg.num_classes)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=.02)
@@ -1120,17 +1276,48 @@ class VisionTransformer(_Classifier):
         self.grid_size = hw
         self.cfg = replace(self.cfg, img_size=img_size)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> normalised tokens (B, 1 + N, C), the class token first."""
+    def _embed(self, x: torch.Tensor):
+        """(B, 3, H, W) -> the tokens the first block takes (B, 1 + H'*W', C), H', W'."""
         p = self.cfg.patch_size
         _check_image(x, self, (p, p))
         x, H, W = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         pe = resample_grid(self.pos_embed, self.grid_size, (H, W), num_prefix_tokens=1)
-        x = self.pos_drop(x + pe)
+        return self.pos_drop(x + pe), H, W
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalised tokens (B, 1 + N, C), the class token first."""
+        x, H, W = self._embed(x)
         for blk in self.blocks:
             x = blk(x, H, W)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor,
+                              indices: Union[None, int, Sequence[int]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The blocks' outputs as feature maps (timm's interface, as for its ViT): the patch
+        tokens of each block asked for, the class token dropped, (B, C, H/16, W/16) ("NCHW") or
+        (B, H/16, W/16, C) ("NHWC"). indices count blocks (0 to depth - 1; None all, an int n
+        the last n, negative from the end); norm applies the final norm to every map (it fits
+        every block); stop_early runs no block after the last one asked for. Returns the maps
+        with intermediates_only=True, else (final features, maps): the final norm of the last
+        block run, (B, 1 + N, C) as forward_features returns it.
+        """
+        take, last = _feature_indices(len(self.blocks), indices, "blocks")
+        channels_last = _check_output_fmt(output_fmt)
+        x, H, W = self._embed(x)
+        maps = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, H, W)
+            if i in take:
+                t = self.norm(x) if norm else x
+                maps.append(_feature_map(t[:, self.num_prefix_tokens:], H, W, channels_last))
+            if stop_early and i == last:
+                break
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]
@@ -1142,38 +1329,45 @@ class VisionTransformer(_Classifier):
 
 
 class WindowAttention(nn.Module):
-    """Swin's softmax attention in w x w windows, with a learned relative position bias.
+    """Swin's softmax attention in w x w windows, with a learned relative position bias (L^2ViT's
+    window blocks: relative_position_bias=False, none).
 
     forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 or None
     -> (B * windows, w * w, C). The official operations, in the official order.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
-                 attn_drop: float = 0., proj_drop: float = 0.):
+                 attn_drop: float = 0., proj_drop: float = 0., relative_position_bias: bool = True):
         super().__init__()
         _check_heads(dim, num_heads)
         self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
         self.scale = (dim // num_heads) ** -0.5
         w = window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
-        # index of the table for each (query, key) pair of a window: their offset (dy, dx)
-        yx = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
-        offset = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0) + (w - 1)    # (w*w, w*w, 2)
-        index = offset[..., 0] * (2 * w - 1) + offset[..., 1]
-        self.register_buffer("relative_position_index", index, persistent=False)
+        self.relative_position_bias_table = None
+        if relative_position_bias:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2,
+                                                                         num_heads))
+            # index of the table for each (query, key) pair of a window: their offset (dy, dx)
+            yx = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij"))
+            yx = yx.flatten(1)
+            offset = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0) + (w - 1)  # (w*w, w*w, 2)
+            index = offset[..., 0] * (2 * w - 1) + offset[..., 1]
+            self.register_buffer("relative_position_index", index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
+        if relative_position_bias:
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B_, h, N, d)
         attn = (q * self.scale) @ k.transpose(-2, -1)                     # (B_, h, N, N)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(B_ // nw, nw, h, N, N) + mask[None, :, None]
@@ -1344,8 +1538,11 @@ class SwinTransformer(_Pyramid):
         if min(grid) < 1:
             raise ValueError(f"img_size {cfg.img_size} is smaller than one {p}x{p} patch")
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        dpr = _drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         self.layers = nn.ModuleList()
+        self.feature_info = [dict(num_chs=cfg.embed_dim * 2 ** i, reduction=p * 2 ** i,
+                                  module=_last_block(f"layers.{i}.blocks", cfg.depths[i]))
+                             for i in range(n)]
         for i in range(n):
             dim = cfg.embed_dim * 2 ** i
             blocks = [SwinBlock(dim, cfg.num_heads[i], grid, cfg.window_size, j % 2 == 1,
@@ -1619,7 +1816,10 @@ class CSwinTransformer(_Pyramid):
         grid = self.stage1_conv_embed.out_size(*_to_2tuple(cfg.img_size, "img_size"))
         if min(grid) < 1:
             raise ValueError(f"img_size {cfg.img_size} is below the smallest input, 3x3")
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        dpr = _drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
+        self.feature_info = [dict(num_chs=cfg.embed_dim * 2 ** i, reduction=4 * 2 ** i,
+                                  module=_last_block(f"stage{i + 1}", cfg.depths[i]))
+                             for i in range(4)]
         for i in range(4):
             dim = cfg.embed_dim * 2 ** i
             if i:
@@ -1661,12 +1861,210 @@ class CSwinTransformer(_Pyramid):
 
 
 # -----------------------------------------------------------------------------
+# L2ViT (Zheng, "The Linear Attention Resurrection in Vision Transformer", arXiv 2501.16182;
+# official code github.com/ChuanyangZheng/L2ViT). Every stage alternates a local window block
+# (LWA) and a global linear block (LGA: L2ViTAttention of section 2, then the LCM).
+
+
+class CPE(nn.Module):
+    """Conditional position encoding: x + 3 x 3 depthwise conv of the tokens as an H x W image.
+    (B, H*W, C) -> (B, H*W, C); the official key proj."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return x + _tokens(self.proj(_image(x, H, W)))
+
+
+class LWABlock(nn.Module):
+    """L^2ViT's local window block: s = cpe.0(x); x = s + attn(norm1(s)) in w x w windows (the
+    residual adds to the CPE's output); x = cpe.1(x); x + mlp(norm2(x)).
+
+    The windows are Swin's without shift, relative position bias or mask: norm1's output is
+    zero-padded to a multiple of w and the padding tokens stay in the softmax (keys and values
+    of a zero token: the qkv bias), as in the official code; a grid smaller than w is one
+    padded window."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, *,
+                 qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.window_size = window_size
+        self.cpe = nn.ModuleList([CPE(dim), CPE(dim)])
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias,
+                                    relative_position_bias=False)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, _, C = x.shape
+        w = self.window_size
+        s = self.cpe[0](x, H, W)
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        t = F.pad(self.norm1(s).view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))  # after norm1
+        t = _unwindows(self.attn(_windows(t, w, w)), w, w, B, Hp, Wp)[:, :H, :W]
+        x = self.cpe[1](s + self.drop_path(t.reshape(B, H * W, C)), H, W)
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class LGABlock(nn.Module):
+    """L^2ViT's global linear block: x = cpe.0(x); x + attn(norm1(x)) (L2ViTAttention over all
+    H*W tokens); x + LCM(norm3(x)) on the H x W image; x + mlp(norm2(x)). The official keys and
+    their order (norm3 and local_mp, the LCM, come last)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, qkv_bias: bool,
+                 drop_path: float):
+        super().__init__()
+        self.cpe = nn.ModuleList([CPE(dim)])
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = L2ViTAttention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm3 = nn.LayerNorm(dim)
+        self.local_mp = LCM(dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.cpe[0](x, H, W)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(_tokens(self.local_mp(_image(self.norm3(x), H, W))))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class L2ViTStem(nn.Module):
+    """downsample_layers.0: the image zero-padded right and bottom to a multiple of 4, then
+    proj.proj = Conv2d(3 x 3, stride 2) -> BatchNorm -> ReLU -> Conv2d(3 x 3, stride 2) ->
+    BatchNorm, the tokens, LayerNorm. (B, C_in, H, W) -> (B, ceil(H/4) * ceil(W/4), C), grid."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        # the official PatchEmbed holds a ConvStem that holds this Sequential: keys proj.proj.*
+        self.proj = nn.ModuleDict({"proj": nn.Sequential(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2),
+            nn.ReLU(), nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))})
+        self.norm = nn.LayerNorm(dim)
+
+    @staticmethod
+    def out_size(H: int, W: int) -> Tuple[int, int]:
+        return -(-H // 4), -(-W // 4)
+
+    def forward(self, x: torch.Tensor):
+        x = self.proj["proj"](F.pad(x, (0, -x.shape[3] % 4, 0, -x.shape[2] % 4)))
+        H, W = x.shape[-2:]
+        return self.norm(_tokens(x)), H, W
+
+
+class L2ViTDownsample(nn.Module):
+    """downsample_layers.1-3: LayerNorm on the tokens FIRST, then the image zero-padded right and
+    bottom by one where H or W is odd, then Conv2d(2 x 2, stride 2); no norm after.
+    (B, H*W, C) -> (B, ceil(H/2) * ceil(W/2), C_out), ceil(H/2), ceil(W/2). Keys proj, norm."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim_out, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int):
+        x = self.proj(F.pad(_image(self.norm(x), H, W), (0, W % 2, 0, H % 2)))
+        H, W = x.shape[-2:]
+        return _tokens(x), H, W
+
+
+@dataclass(frozen=True)
+class L2ViTConfig:
+    """An L^2ViT: four stages of dims / depths / num_heads, each alternating window blocks
+    (window_size: 7, or 12 for L2ViT-B at 384) and global linear blocks, the window block first.
+    The fields in the official constructor's order, then img_size: the size the weights were
+    trained at, on which nothing depends (no position tables): any H x W runs.
+    """
+    in_chans: int = 3
+    num_classes: int = 1000
+    mlp_ratios: Tuple[float, float, float, float] = (4., 4., 4., 4.)
+    depths: Tuple[int, int, int, int] = (2, 2, 6, 2)
+    num_heads: Tuple[int, int, int, int] = (3, 6, 12, 24)
+    dims: Tuple[int, int, int, int] = (96, 192, 384, 768)
+    drop_path_rate: float = 0.
+    window_size: int = 7
+    qkv_bias: bool = True
+    img_size: Union[int, Tuple[int, int]] = 224
+
+
+class L2ViT(_Pyramid):
+    """L^2ViT with the official state_dict keys (BatchNorm buffers included): an official file
+    loads as it is.
+
+    The conv stem (downsample_layers.0), stages.0-3 of LWABlock / LGABlock (stage i at stride
+    4 * 2^i), LayerNorm-first 2 x 2 downsampling between them (downsample_layers.1-3), a final
+    LayerNorm, the mean over tokens, head. Runs at any H x W: the stem and the downsampling pad
+    odd sizes with zeros, the window blocks pad their grid to a multiple of the window.
+    """
+
+    final_norm = True
+
+    def __init__(self, cfg: L2ViTConfig):
+        super().__init__()
+        for name in ("dims", "depths", "num_heads", "mlp_ratios"):
+            if len(getattr(cfg, name)) != 4:
+                raise ValueError(f"{name} needs 4 entries (one per stage), "
+                                 f"got {getattr(cfg, name)}")
+        if not all(_is_int(d) and d > 0 for d in cfg.dims) or cfg.dims[0] % 2:
+            raise ValueError(f"dims must be positive ints, the first even (the stem's first conv "
+                             f"has dims[0] / 2 channels), got {cfg.dims}")
+        if not _is_int(cfg.window_size) or cfg.window_size < 1:
+            raise ValueError(f"window_size must be a positive int, got {cfg.window_size!r}")
+        _check_config(cfg)
+        _to_2tuple(cfg.img_size, "img_size")
+        self.cfg = cfg
+        self.num_features = cfg.dims[-1]
+        self.downsample_layers = nn.ModuleList(
+            [L2ViTStem(cfg.in_chans, cfg.dims[0])]
+            + [L2ViTDownsample(cfg.dims[i - 1], cfg.dims[i]) for i in range(1, 4)])
+        dpr = iter(_drop_path_rates(cfg.drop_path_rate, sum(cfg.depths)))
+        self.stages = nn.ModuleList([nn.ModuleList([
+            LWABlock(dim, h, cfg.window_size, r, qkv_bias=cfg.qkv_bias, drop_path=next(dpr))
+            if j % 2 == 0 else LGABlock(dim, h, r, qkv_bias=cfg.qkv_bias, drop_path=next(dpr))
+            for j in range(depth)])
+            for dim, depth, h, r in zip(cfg.dims, cfg.depths, cfg.num_heads, cfg.mlp_ratios)])
+        self.norm = nn.LayerNorm(self.num_features)
+        self._make_head(cfg.num_classes)
+        self.feature_info = [dict(num_chs=cfg.dims[i], reduction=4 * 2 ** i,
+                                  module=_last_block(f"stages.{i}", cfg.depths[i]))
+                             for i in range(4)]
+        for m in self.modules():  # the official init; norms keep ones and zeros
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Records a new input size in cfg: no weight depends on it."""
+        _to_2tuple(img_size, "img_size")
+        self.cfg = replace(self.cfg, img_size=img_size)
+
+    def _stages(self, x: torch.Tensor):
+        """Yield each stage's output tokens (B, H*W, C_i), before the next downsampling, with
+        H, W."""
+        _check_image(x, self, (1, 1))
+        x, H, W = self.downsample_layers[0](x)
+        for i, stage in enumerate(self.stages):
+            if i:
+                x, H, W = self.downsample_layers[i](x, H, W)
+            for blk in stage:
+                x = blk(x, H, W)
+            yield x, H, W
+
+
+# -----------------------------------------------------------------------------
 # The models by name: create_model(name, **config overrides)
 
 _PVT_V2_B0 = dict(version=2, embed_dims=(32, 64, 160, 256))
 _PVT_V2 = dict(version=2)
 _SWIN_B = dict(embed_dim=128, num_heads=(4, 8, 16, 32))
 _CSWIN_B = dict(embed_dim=96, num_heads=(4, 8, 16, 32))
+_L2VIT_B = dict(dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
 MODELS: Dict[str, Tuple[type, dict]] = {
     "flatten_pvt_tiny": (PVTConfig, dict(depths=(2, 2, 2, 2))),
     "flatten_pvt_small": (PVTConfig, dict(depths=(3, 4, 6, 3))),
@@ -1712,9 +2110,15 @@ MODELS: Dict[str, Tuple[type, dict]] = {
     "cswin_tiny": (CSwinConfig, dict(depths=(1, 2, 21, 1), attn_type="SSSS")),
     "cswin_small": (CSwinConfig, dict(depths=(2, 4, 32, 2), attn_type="SSSS")),
     "cswin_base": (CSwinConfig, dict(_CSWIN_B, depths=(2, 4, 32, 2), attn_type="SSSS")),
+    # L2ViT-T / S / B / B at 384; the 22k pretrain is l2vit_base with num_classes=21841
+    "l2vit_tiny": (L2ViTConfig, dict(depths=(2, 2, 6, 2))),
+    "l2vit_small": (L2ViTConfig, dict(depths=(2, 2, 18, 2))),
+    "l2vit_base": (L2ViTConfig, dict(_L2VIT_B, depths=(2, 2, 18, 2))),
+    "l2vit_base_384": (L2ViTConfig, dict(_L2VIT_B, depths=(2, 2, 18, 2), img_size=384,
+                                         window_size=12)),
 }
 _FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
-             SwinConfig: SwinTransformer, CSwinConfig: CSwinTransformer}
+             SwinConfig: SwinTransformer, CSwinConfig: CSwinTransformer, L2ViTConfig: L2ViT}
 
 
 def list_models(pattern: str = "") -> List[str]:
@@ -1749,9 +2153,212 @@ def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = No
                          f"fields: {', '.join(sorted(known))}")
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     model = _FAMILIES[cfg_cls](cfg_cls(**{**base, **tuples}))
+    model.pretrained_cfg = pretrained_cfg(name)
     if checkpoint is not None:
         _load_pretrained(model, checkpoint, strict=True, use_ema=use_ema)
     return model
+
+
+# -----------------------------------------------------------------------------
+# The official evaluation: settings by name (timm's pretrained_cfg) and eval_transform
+#
+# The official FLatten pipeline (data/build.py, build_transform(is_train=False), with the
+# defaults of config.py: DATA.INTERPOLATION "bicubic", TEST.CROP True) resizes each PIL image to
+# a square of int(256 / 224 * IMG_SIZE) pixels whatever its aspect ratio (transforms.Resize((s,
+# s)): a warp, not a resize of the short side), crops the centre IMG_SIZE x IMG_SIZE, then
+# ToTensor and Normalize with timm's IMAGENET_DEFAULT_MEAN / STD. With TEST.CROP False, which
+# only cfgs/flatten_swin_b_384.yaml sets, it warps to IMG_SIZE x IMG_SIZE directly. The
+# cfgs/*.yaml files change nothing else of it but IMG_SIZE (224; 384 in the two *_384 files).
+# In timm's terms: crop_mode "squash", crop_pct 224 / 256 (1.0 for FLatten-Swin-B 384); timm's
+# resize to floor(size / crop_pct) is the official int(256 / 224 * size): 256 at 224, 438 at 384.
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _eval_cfg(official_name: Optional[str] = None, official_config: Optional[str] = None, *,
+              size: int = 224, crop_pct: float = 224 / 256, crop_mode: str = "squash",
+              released: bool = False) -> dict:
+    """One name's evaluation settings under timm's pretrained_cfg keys, and their source."""
+    return dict(input_size=(3, size, size), interpolation="bicubic", crop_pct=crop_pct,
+                crop_mode=crop_mode, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                num_classes=1000, official_name=official_name, official_config=official_config,
+                released=released)
+
+
+# The names of an official row: the official README's "Pretrained Models" table (released=True)
+# and the other cfgs/*.yaml files. Every other name (FLatten-PVTv2-B5, which has no config file;
+# FLatten-DeiT and the softmax counterparts, which have no official FLatten weights) gets
+# _eval_cfg() at its img_size: the official pipeline's defaults, so that it is evaluated as the
+# FLatten models it is compared with. A name's settings are one entry here.
+PRETRAINED_CFGS: Dict[str, dict] = {
+    "flatten_pvt_tiny": _eval_cfg("FLatten-PVT-T", "cfgs/flatten_pvt_t.yaml", released=True),
+    "flatten_pvt_small": _eval_cfg("FLatten-PVT-S", "cfgs/flatten_pvt_s.yaml"),
+    "flatten_pvt_medium": _eval_cfg("FLatten-PVT-M", "cfgs/flatten_pvt_m.yaml"),
+    "flatten_pvt_large": _eval_cfg("FLatten-PVT-L", "cfgs/flatten_pvt_b.yaml"),
+    "flatten_pvt_v2_b0": _eval_cfg("FLatten-PVTv2-B0", "cfgs/flatten_pvt_v2_b0.yaml",
+                                   released=True),
+    "flatten_pvt_v2_b1": _eval_cfg("FLatten-PVTv2-B1", "cfgs/flatten_pvt_v2_b1.yaml"),
+    "flatten_pvt_v2_b2": _eval_cfg("FLatten-PVTv2-B2", "cfgs/flatten_pvt_v2_b2.yaml"),
+    "flatten_pvt_v2_b3": _eval_cfg("FLatten-PVTv2-B3", "cfgs/flatten_pvt_v2_b3.yaml"),
+    "flatten_pvt_v2_b4": _eval_cfg("FLatten-PVTv2-B4", "cfgs/flatten_pvt_v2_b4.yaml"),
+    "flatten_swin_tiny": _eval_cfg("FLatten-Swin-T", "cfgs/flatten_swin_t.yaml", released=True),
+    "flatten_swin_small": _eval_cfg("FLatten-Swin-S", "cfgs/flatten_swin_s.yaml", released=True),
+    "flatten_swin_base": _eval_cfg("FLatten-Swin-B", "cfgs/flatten_swin_b.yaml", released=True),
+    "flatten_swin_base_384": _eval_cfg("FLatten-Swin-B", "cfgs/flatten_swin_b_384.yaml",
+                                       size=384, crop_pct=1.0, released=True),
+    "flatten_cswin_tiny": _eval_cfg("FLatten-CSwin-T", "cfgs/flatten_cswin_t.yaml",
+                                    released=True),
+    "flatten_cswin_small": _eval_cfg("FLatten-CSwin-S", "cfgs/flatten_cswin_s.yaml"),
+    "flatten_cswin_base": _eval_cfg("FLatten-CSwin-B", "cfgs/flatten_cswin_b.yaml"),
+    "flatten_cswin_base_384": _eval_cfg("FLatten-CSwin-B", "cfgs/flatten_cswin_b_384.yaml",
+                                        size=384),
+    # L2ViT (classification/main.py, build_transform(is_train=False)): below 384 the short side
+    # resized to int(size / crop_pct), crop_pct 0.875 (timm's "center"), then the centre crop;
+    # at 384 a warp to 384 x 384, no crop. The official row: the factory main.py evaluates.
+    "l2vit_tiny": _eval_cfg("L2ViT-T", "main.py --model L2ViT_Tiny", crop_mode="center",
+                            released=True),
+    "l2vit_small": _eval_cfg("L2ViT-S", "main.py --model L2ViT_Small", crop_mode="center",
+                             released=True),
+    "l2vit_base": _eval_cfg("L2ViT-B", "main.py --model L2ViT_Base", crop_mode="center",
+                            released=True),
+    "l2vit_base_384": _eval_cfg("L2ViT-B", "main.py --model L2ViT_Base_384", size=384,
+                                crop_pct=1.0, released=True),
+}
+
+
+def pretrained_cfg(name: str) -> dict:
+    """The evaluation settings of a registered name (timm's pretrained_cfg, a new dict):
+    input_size (C, H, W), interpolation, crop_pct, crop_mode, mean, std and num_classes, with
+    the official row they come from (official_name, official_config: None for names without
+    one) and whether its weights were released. create_model sets it as model.pretrained_cfg."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    if name in PRETRAINED_CFGS:
+        return dict(PRETRAINED_CFGS[name])
+    cfg_cls, base = MODELS[name]
+    return _default_eval_cfg(cfg_cls(**base).img_size)
+
+
+def _default_eval_cfg(img_size) -> dict:
+    return dict(_eval_cfg(), input_size=(3, *_to_2tuple(img_size, "img_size")))
+
+
+def eval_transform(model_or_name_or_cfg: Union[nn.Module, str, dict],
+                   **overrides) -> "EvalTransform":
+    """The official evaluation preprocessing, in torch alone: eval_transform(model)(image).
+
+    Takes a model (its pretrained_cfg, which create_model sets; a model built from its class
+    gets the official defaults at its img_size), a registered name, or a cfg dict with timm's
+    keys input_size, interpolation, crop_pct, mean, std and crop_mode ("center" if absent, as
+    in timm); keyword overrides replace any of these, e.g. input_size=(3, 288, 288). The
+    returned EvalTransform maps images (C, H, W) or (B, C, H, W), uint8 in [0, 255] or float in
+    [0, 1], to the normalised float32 batch (B, C, h, w) of the evaluation size.
+    """
+    src = model_or_name_or_cfg
+    if isinstance(src, str):
+        cfg = pretrained_cfg(src)
+    elif isinstance(src, dict):
+        cfg = src
+    elif isinstance(src, nn.Module) and hasattr(src, "pretrained_cfg"):
+        cfg = src.pretrained_cfg
+    elif isinstance(src, nn.Module) and hasattr(getattr(src, "cfg", None), "img_size"):
+        cfg = _default_eval_cfg(src.cfg.img_size)
+    else:
+        raise ValueError("eval_transform takes a model of this file, a registered name or a cfg "
+                         f"dict, got {type(src).__name__}")
+    keys = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+    bad = sorted(set(overrides) - set(keys))
+    if bad:
+        raise ValueError(f"eval_transform has no setting {', '.join(bad)}; settings: "
+                         f"{', '.join(keys)}")
+    cfg = {"crop_mode": "center", **cfg, **overrides}
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise ValueError(f"the cfg lacks {', '.join(missing)}; expected the keys {keys}")
+    input_size = tuple(cfg["input_size"])
+    if len(input_size) != 3:
+        raise ValueError(f"input_size must be (C, H, W), got {cfg['input_size']!r}")
+    return EvalTransform(input_size[0], _to_2tuple(input_size[1:], "input_size (H, W)"),
+                         cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"],
+                         tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize, centre crop and normalise images for evaluation (made by eval_transform).
+
+    crop_mode "squash" (the official FLatten pipeline) resizes to floor(size / crop_pct) on each
+    side whatever the aspect ratio, "center" (timm's default) the short side to
+    floor(size / crop_pct) keeping the aspect ratio; then the centre size x size crop (offsets
+    rounded as torchvision rounds them), then (x - mean) / std. The resize is PIL's, which the
+    official pipeline runs: an antialiased filter (F.interpolate(antialias=True) computes the
+    same weights) over the width, then over the height, uint8 images rounded and clipped to
+    [0, 255] after each pass (float images clipped to [0, 1]).
+    """
+    in_chans: int
+    size: Tuple[int, int]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    def __post_init__(self):
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', "
+                             f"got {self.interpolation!r}")
+        if not _is_real(self.crop_pct) or not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
+        if self.crop_mode not in ("squash", "center"):
+            raise ValueError(f"crop_mode must be 'squash' or 'center', got {self.crop_mode!r}")
+        if self.crop_mode == "center" and self.size[0] != self.size[1]:
+            raise ValueError(f"crop_mode 'center' needs a square input size, got {self.size}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans or \
+                not all(_is_real(s) and s > 0 for s in self.std):
+            raise ValueError(f"mean and std need {self.in_chans} values (std > 0), got "
+                             f"{self.mean}, {self.std}")
+
+    def resize_size(self, H: int, W: int) -> Tuple[int, int]:
+        """The size an H x W image is resized to before the crop."""
+        h, w = (math.floor(s / self.crop_pct) for s in self.size)
+        if self.crop_mode == "squash":
+            return h, w
+        return (h, int(h * W / H)) if H <= W else (int(h * H / W), h)  # torchvision's rounding
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = self._check(image)                                      # (B, C, H, W)
+        H = x.shape[-2]
+        rh, rw = self.resize_size(*x.shape[-2:])
+        uint8, x = x.dtype == torch.uint8, x.float()
+        for size in ((H, rw), (rh, rw)):  # as PIL: the width, then the height, each pass clipped
+            x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
+                              antialias=True)
+            x = x.round().clamp(0, 255) if uint8 else x.clamp(0, 1)
+        x = x / 255 if uint8 else x
+        h, w = self.size
+        top, left = int(round((rh - h) / 2)), int(round((rw - w) / 2))
+        x = x[..., top:top + h, left:left + w]                      # (B, C, h, w)
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+                     for v in (self.mean, self.std))
+        return ((x - mean) / std).contiguous()
+
+    def _check(self, image) -> torch.Tensor:
+        expected = (f"expected an image tensor ({self.in_chans}, H, W) or (B, {self.in_chans}, "
+                    "H, W), uint8 in [0, 255] or float in [0, 1]")
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"{expected}, got a {type(image).__name__} (a PIL image: torch."
+                             "from_numpy(numpy.asarray(img.convert('RGB'))).permute(2, 0, 1))")
+        x = image.unsqueeze(0) if image.dim() == 3 else image
+        if x.dim() != 4 or x.shape[1] != self.in_chans or min(x.shape[-2:]) < 1:
+            raise ValueError(f"{expected}, got shape {tuple(image.shape)} (channels first: "
+                             "an (H, W, C) array needs .permute(2, 0, 1))")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ValueError(f"{expected}, got {x.dtype}")
+        if x.is_floating_point() and x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+            raise ValueError(f"{expected}, got float values in [{x.min().item():.4g}, "
+                             f"{x.max().item():.4g}]: pass uint8, or divide by 255")
+        return x
 
 
 # =============================================================================

@@ -749,7 +749,7 @@ def test_models_run_on_drawn_sizes(name, B, H, W, seed):
             assert feats.shape == (B, 1 + (H // 16) * (W // 16), 48), \
                 f"{what}: tokens {tuple(feats.shape)}"
         else:
-            maps = model.forward_intermediates(x)
+            maps = model.forward_intermediates(x, intermediates_only=True)
             dims = model.cfg.embed_dims
             got = [tuple(t.shape) for t in maps]
             want = [(B, c, h, w) for c, (h, w) in zip(dims, expected_maps(name, H, W))]

@@ -69,7 +69,8 @@ def micro_model(d, dtype=torch.float32, **overrides):
 
 def stage_tokens(m, x):
     """The four stage outputs as tokens (B, H*W, C_i), the fixture's `stages` layout."""
-    return [fmap.flatten(2).transpose(1, 2) for fmap in m.forward_intermediates(x)]
+    maps = m.forward_intermediates(x, intermediates_only=True)
+    return [fmap.flatten(2).transpose(1, 2) for fmap in maps]
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_any_size(attn_type, H, W, resample_calls):
     case = f"[{attn_type} embed 16 depths {SMALL['depths']}, input 1x3x{H}x{W} seed=4]"
     with torch.no_grad():
         x = seeded(1, 3, H, W, seed=4)
-        maps = m.forward_intermediates(x)
+        maps = m.forward_intermediates(x, intermediates_only=True)
         out = m(x)
     assert out.shape == (1, 5) and torch.isfinite(out).all(), f"{case}: logits {out}"
     grids = stage_grids(H, W)
@@ -544,7 +545,7 @@ def test_empty_batch(attn_type):
     m.eval()
     with torch.no_grad():
         assert m(x).shape == (0, 5), f"{case} eval: logits {tuple(m(x).shape)}"
-        maps = [tuple(t.shape) for t in m.forward_intermediates(x)]
+        maps = [tuple(t.shape) for t in m.forward_intermediates(x, intermediates_only=True)]
     expected = [(0, 16 * 2 ** i, *g) for i, g in enumerate(stage_grids(100, 132))]
     assert maps == expected, f"{case}: forward_intermediates {maps}, expected {expected}"
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,10 @@ def repository_copy(dest: Path) -> Path:
 
 def test_pip_install_into_a_fresh_venv(tmp_path):
     wheel = build_wheel(repository_copy(tmp_path / "src"), tmp_path / "wheels")
+    # the package is flatten.py alone: hubconf.py (torch.hub's entry points, read from a clone)
+    # and the scripts stay out, so that no top-level module named hubconf gets installed
+    modules = sorted(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py"))
+    assert modules == ["flatten.py"], f"[the wheel {wheel.name}] holds the modules {modules}"
     py = make_venv(tmp_path / "venv")
     # --ignore-installed: the running environment, which the venv sees, may hold the package
     run([py, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--ignore-installed",

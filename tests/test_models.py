@@ -65,11 +65,10 @@ def test_vanilla_and_l2vit_attention():
     l2 = randomize(fl.L2ViTLinearAttention(16, 2, qkv_bias=True)).double()
     with torch.no_grad():
         out = l2(x, H, W)
-        q = F.relu(l2.q(x)).reshape(2, 20, 2, 8).transpose(1, 2)
-        k, v = l2.kv(x).reshape(2, 20, 2, 2, 8).permute(2, 0, 3, 1, 4)
-        A = q @ F.relu(k).transpose(-2, -1)
-        a = (A @ v) * l2.temperature / A.sum(-1, keepdim=True).clamp_min(100)
-        a = l2.proj(a.transpose(1, 2).reshape(2, 20, 16))
+        q, k, v = l2.attn.qkv(x).reshape(2, 20, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        A = F.relu(q) @ F.relu(k).transpose(-2, -1)
+        a = (A @ v) * l2.attn.temperature / A.sum(-1, keepdim=True).clamp_min(100)
+        a = l2.attn.proj(a.transpose(1, 2).reshape(2, 20, 16))
         grid = l2.lcm_norm(x + a).transpose(1, 2).reshape(2, 16, H, W)
         lcm = l2.lcm(grid).flatten(2).transpose(1, 2)
     assert_close(out, a + lcm, f"{case} L2ViT attention + LCM", 1e-10, 1e-12)
@@ -291,7 +290,7 @@ def test_model_api():
         assert feats.shape == (2, 2 * 3, 256), f"{case}: forward_features {tuple(feats.shape)}"
         assert torch.equal(m.forward_head(feats, pre_logits=True), out), \
             f"{case}: forward_head(pre_logits=True) differs from forward"
-        maps = [tuple(t.shape) for t in m.forward_intermediates(x)]
+        maps = [tuple(t.shape) for t in m.forward_intermediates(x, intermediates_only=True)]
     assert maps == [(2, 32, 16, 24), (2, 64, 8, 12), (2, 160, 4, 6), (2, 256, 2, 3)], \
         f"{case}: forward_intermediates {maps}"
     m.reset_classifier(11)
@@ -348,7 +347,7 @@ def test_every_registered_model_takes_an_empty_batch(name, untruncated_init):
         out = m.eval()(x)
         assert out.shape == (0, 7), f"{case} eval: logits {tuple(out.shape)}"
         if hasattr(m, "forward_intermediates"):
-            maps = m.forward_intermediates(x)
+            maps = m.forward_intermediates(x, intermediates_only=True)
             assert maps and all(t.dim() == 4 and t.shape[0] == 0 for t in maps), \
                 f"{case}: forward_intermediates {[tuple(t.shape) for t in maps]}"
 

@@ -9,6 +9,8 @@ import sys
 import types
 import warnings
 
+import numpy as np
+import pytest
 import torch
 from common import DATA, ROOT, assert_close
 
@@ -38,10 +40,21 @@ def write_official_style_checkpoint(path):
     return sd
 
 
+def write_photo(path) -> torch.Tensor:
+    """A JPEG of 300 x 420 pixels (smooth colours, hard edges) where the README reads its photo;
+    returns the (3, H, W) uint8 image as the JPEG decoder gives it back."""
+    Image = pytest.importorskip("PIL.Image")  # Pillow comes with matplotlib (requirements.txt)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 300), torch.linspace(0, 1, 420), indexing="ij")
+    rgb = torch.stack([yy, xx, ((xx * 9).floor() % 2) * 0.5 + 0.25 * yy], dim=-1)
+    Image.fromarray((rgb * 255).round().to(torch.uint8).numpy()).save(path, quality=95)
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert len(blocks) >= 2, "the README has no Python examples"
     sd = write_official_style_checkpoint(tmp_path / "flatten_pvt_t.pth")
+    photo = write_photo(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
     namespace = {}
     before = fl.get_fast_path()
@@ -60,6 +73,21 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert ns.logits.shape == (1, 1000) and torch.isfinite(ns.logits).all()
     assert [tuple(m.shape) for m in ns.maps] == [(1, 64, 200, 304), (1, 128, 100, 152),
                                                   (1, 320, 50, 76), (1, 512, 25, 38)]
+    assert ns.final.shape == (1, 25 * 38, 512), f"final features {tuple(ns.final.shape)}"
+    assert (ns.c3.shape, ns.c4.shape) == ((1, 128, 32, 40), (1, 320, 16, 20)), \
+        f"stop_early maps {tuple(ns.c3.shape)}, {tuple(ns.c4.shape)}"
+    assert ns.strides == [(64, 4), (128, 8), (320, 16), (512, 32)], ns.strides
+    # the one-image example: the photo through the official evaluation, into the checkpoint
+    assert torch.equal(ns.image, photo), "the README's image is not the photo file's pixels"
+    with torch.no_grad():
+        expected = ns.classifier(fl.eval_transform("flatten_pvt_tiny")(photo)).softmax(-1)
+    assert ns.probs.shape == (1, 1000) and torch.equal(ns.probs, expected), "probs"
+    assert torch.equal(ns.top5.indices, expected.topk(5).indices), "top-5"
+    assert ns.classifier.pretrained_cfg["official_config"] == "cfgs/flatten_pvt_t.yaml"
+    assert torch.equal(ns.hub_model.patch_embed1.proj.weight, sd["patch_embed1.proj.weight"])
+    assert ns.hub_model.block1[0].attn.normalizer == "sum", "torch.hub overrides"
+    assert ns.p5.shape == (2, 256, 25, 38) and ns.p4.shape == (2, 256, 49, 75), \
+        f"FocusedLinearAttention2d: {tuple(ns.p5.shape)}, {tuple(ns.p4.shape)}"
     assert torch.equal(ns.model.patch_embed1.proj.weight, sd["patch_embed1.proj.weight"])
     assert ns.y.shape == (2, 2400, 64)
     # the cross-attention example: (B, N, dim) from queries and contexts of other lengths, the

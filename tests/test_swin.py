@@ -211,7 +211,7 @@ def test_any_size(attn_type, H, W, resample_calls):
     case = f"[{attn_type} embed 16 depths {SMALL['depths']}, input 1x3x{H}x{W} seed=4]"
     with torch.no_grad():
         x = seeded(1, 3, H, W, seed=4)
-        maps = m.forward_intermediates(x)
+        maps = m.forward_intermediates(x, intermediates_only=True)
         out = m(x)
     assert out.shape == (1, 5) and torch.isfinite(out).all(), f"{case}: logits {out}"
     assert len(maps) == 4, f"{case}: {len(maps)} maps"
