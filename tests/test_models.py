@@ -251,7 +251,7 @@ CSWIN = ["cswin_base", "cswin_small", "cswin_tiny", "flatten_cswin_base", "flatt
     ("*swin*", sorted(SWIN + CSWIN)),                 # timm's wildcards match whole names
     ("flatten_swin_*", SWIN[:4]),
     ("swin_tiny", ["flatten_swin_tiny", "swin_tiny"]),
-    ("*_base_38?", ["flatten_cswin_base_384", "flatten_swin_base_384"]),
+    ("flatten_*_base_38?", ["flatten_cswin_base_384", "flatten_swin_base_384"]),
     ("[cs]win_tiny", ["swin_tiny"]),
     ("sw", []),                                       # part of a word: nothing
     ("swin_tiny_x", []),
