@@ -9,6 +9,8 @@ visualising attention and for tests.
 Usage:
     python analysis.py                      # 14 x 14 = 196 tokens, 3 heads of d = 64, p = 3
     python analysis.py --grid 28 28 --heads 1 --head-dim 64 --seed 1
+A bad flag (a grid of 0, an even kernel, maps larger than half the available memory) is one line
+on stderr and exit status 2, before anything is computed.
 
 Method: one random input x (1, N, C), N(0, 1), with N = H * W tokens and C = heads * head_dim,
 and one seeded FocusedLinearAttention layer at PyTorch's default initialisation. The four maps
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -168,8 +171,45 @@ def analyse(grid: Tuple[int, int] = (14, 14), num_heads: int = 3, head_dim: int 
             _stats("focused linear", focused), _stats("focused linear + DWC", with_dwc)]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit status 2, as bench.py's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _problem(args) -> Optional[str]:
+    """What is wrong with the parsed flags, in one line, or None."""
+    H, W = args.grid
+    if H < 1 or W < 1:
+        return f"--grid {H} {W}: expected two positive whole numbers (H W)"
+    for flag, value in (("--heads", args.heads), ("--head-dim", args.head_dim)):
+        if value < 1:
+            return f"{flag} {value}: expected a positive whole number"
+    if not 0 < args.focusing_factor < math.inf:
+        return f"--focusing-factor {args.focusing_factor:g}: expected a finite number > 0"
+    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+        return f"--kernel-size {args.kernel_size}: expected an odd positive whole number"
+    # the largest map, focused linear + DWC, holds heads * head_dim * N^2 float64 numbers
+    need = args.heads * args.head_dim * (H * W) ** 2 * 8
+    free = _available_memory()
+    if free is not None and need > free / 2:
+        return (f"--grid {H} {W}: the maps would need about {need / 2**30:.1f} GiB (heads x "
+                f"head dim x N^2 float64 numbers, N = {H * W}), more than half the "
+                f"{free / 2**30:.1f} GiB available; take a smaller grid")
+    return None
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (Linux), or None where unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = _Parser(prog="analysis.py", description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=int, nargs=2, default=(14, 14), metavar=("H", "W"))
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -177,6 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--kernel-size", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    problem = _problem(args)
+    if problem:
+        ap.error(problem)
     H, W = args.grid
     rows = analyse((H, W), args.heads, args.head_dim, args.focusing_factor, args.kernel_size,
                    args.seed)

@@ -756,18 +756,27 @@ def _fmt_s(s: float) -> str:
 # 3. How to render
 
 
+def layer_refs(rows) -> tuple[str, ...]:
+    """The layer methods the others are compared with: SDPA, official and, in a run with
+    --baseline, the baseline."""
+    return ("sdpa", "official") + (("baseline",) if any(
+        c.section == "layers" and c.name == "baseline" for c in rows) else ())
+
+
 def softmax_pair(model: str) -> str | None:
     """The softmax model a model's row is compared with: X for flatten_X, SOFTMAX_PAIRS."""
     return model[len("flatten_"):] if model.startswith("flatten_") else SOFTMAX_PAIRS.get(model)
 
 
 def ratios(rows: dict[Case, Row], row: Row) -> dict[str, tuple[float | None, bool]]:
-    """Speed-ups of a row against SDPA and official, or flatten_X against X: (value, noisy)."""
+    """Speed-ups of a row against SDPA, official and the baseline (layer_refs), or of a model
+    against its softmax pair (softmax_pair): (value, noisy)."""
     c = row.case
     if c.section == "layers":
+        names = {ref: OFFICIAL_OF.get(c.name, "official") if ref == "official" else ref
+                 for ref in layer_refs(rows)}
         refs = {ref: rows.get(Case("layers", c.group, name, c.resolution))
-                for ref, name in (("sdpa", "sdpa"),
-                                  ("official", OFFICIAL_OF.get(c.name, "official")))}
+                for ref, name in names.items()}
     else:
         other = softmax_pair(c.name)
         refs = {"softmax": rows.get(Case("models", other, other, c.resolution))}
@@ -910,15 +919,17 @@ def render(rows: dict[Case, Row], facts: dict, tablefmt: str = "github",
     """The header line and the tables, each with its missing cells (and details)."""
     out, B = [header_line(facts), *_load_line(facts), ""], facts["batch_size"]
     layer_rows = [r for r in rows.values() if r.case.section == "layers"]
+    refs = layer_refs(rows)
+    headers = LAYER_HEADERS + ["vs baseline"] * ("baseline" in refs)
     for shape_name in dict.fromkeys(r.case.group for r in layer_rows):
         sel = [r for r in layer_rows if r.case.group == shape_name]
         table = [[row.case.resolution, row.tokens,
                   row.label + (f" [{row.backend}]" if row.backend else ""),
                   *map(_cell_text, row.cells.values()), *map(_mem_text, row.cells.values()),
                   _num(row.macs / 1e9), *(_pair(ratios(rows, row), ref, LAYER_MODES)
-                                          for ref in ("sdpa", "official"))] for row in sel]
+                                          for ref in refs)] for row in sel]
         out += [f"Attention layer: {SHAPES[shape_name].title}, batch {B}",
-                tabulate(table, LAYER_HEADERS, tablefmt=tablefmt, disable_numparse=True),
+                tabulate(table, headers, tablefmt=tablefmt, disable_numparse=True),
                 *_notes(sel), *(_details(sel, facts) if details else []), ""]
     if sel := [r for r in rows.values() if r.case.section == "models"]:
         table = []
@@ -974,7 +985,8 @@ CSV_FIELDS = ["section", "shape", "model", "method", "label", "backend", "resolu
               "tokens", "params", "gmacs", "mode", "status", "reason", "median_ms", "q1_ms",
               "q3_ms", "iqr_ms", "min_ms", "max_ms", "repeats", "noisy", "peak_mib",
               "page_faults_per_call", "estimate_s", "estimate_mib", "images_per_s",
-              *(f"vs_{r}{n}" for r in ("sdpa", "official", "softmax") for n in ("", "_noisy")),
+              *(f"vs_{r}{n}" for r in ("sdpa", "official", "baseline", "softmax")
+                for n in ("", "_noisy")),
               *HEADER_FIELDS]
 
 
@@ -989,7 +1001,7 @@ def write_csv(path: str, data: dict) -> None:
                         "grid": d["grid"] and "x".join(map(str, d["grid"])),
                         "images_per_s": d.get("images_per_s") if mode == "fwd" else None,
                         **{k: data["header"][k] for k in HEADER_FIELDS}}
-                for ref in ("sdpa", "official", "softmax"):
+                for ref in ("sdpa", "official", "baseline", "softmax"):
                     line[f"vs_{ref}"] = d.get(f"vs_{ref}_{mode}")
                     line[f"vs_{ref}_noisy"] = d.get(f"vs_{ref}_{mode}_noisy") \
                         if line[f"vs_{ref}"] is not None else None

@@ -26,6 +26,7 @@ Nothing runs or prints at import or construction.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import numbers
 import os
@@ -59,11 +60,14 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
 
         y = (ReLU(x) + offset) / scale,    phi_p(x) = ||y|| * y^p / ||y^p||   (element-wise power)
 
-    x: (..., C); scale: broadcastable to x, e.g. (C,) or (1, 1, C), or None -> (..., C).
-    The module's offset 1e-6 and scale = softplus(learned) are the official code's; offset=0 and
-    scale=None give the paper's f_p(ReLU(x)). Half-precision inputs compute and return float32.
+    x: (..., C) floating point; scale: positive, broadcastable to x without growing it, e.g. (C,)
+    or (1, 1, C), or None -> (..., C). The module's offset 1e-6 and scale = softplus(learned) are
+    the official code's; offset=0 and scale=None give the paper's f_p(ReLU(x)). Half-precision
+    inputs compute and return float32. A scale's values are checked where that needs no wait for
+    a device (a CPU tensor, outside torch.compile and torch.func).
     """
     p = _check_focusing_factor(focusing_factor)
+    _check_focus_args(x, scale)
     dt = _compute_dtype(x)
     tiny = torch.finfo(dt).tiny
     y = F.relu(x.to(dt)) + offset
@@ -78,7 +82,8 @@ def focus(x: torch.Tensor, focusing_factor: float = 3.0, scale: Optional[torch.T
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
-                     normalizer: str = "mean") -> torch.Tensor:
+                     normalizer: str = "mean",
+                     key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Linear attention in the O(N d^2) order (the paper's Eq. 4).
 
         out_i = q_i (K^T V) / (q_i . sum_j k_j + n eps)    normalizer="mean" (the official code)
@@ -87,26 +92,35 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
 
     The official mean form, q_i (K^T V / n) / (q_i . mean_j k_j + eps), is the first line times
     n / n: the two normalisers differ only in the weight of eps. q: (B, h, N, d) and k: (B, h, n, d)
-    non-negative features, v: (B, h, n, dv); B and h broadcast -> (B, h, N, dv) in v's dtype.
-    Half-precision inputs compute in float32 (the sums overflow float16).
+    non-negative features, v: (B, h, n, dv), n >= 1; B and h broadcast -> (B, h, N, dv) in v's
+    dtype. Half-precision inputs compute in float32 (the sums overflow float16).
+
+    key_padding_mask: (B, n) bool, True where a key is padding (nn.MultiheadAttention's meaning).
+    Padding keys leave K^T V, sum_j k_j and the n of the mean normaliser (n counts the real keys),
+    so a padded sequence gets what it gets alone; their k and v may hold anything, NaN included. A
+    sequence with no real key gets zeros.
     """
     _check_normalizer(normalizer)
-    if (q.dim(), k.dim(), v.dim()) != (4, 4, 4) or q.shape[-1] != k.shape[-1] \
-            or k.shape[-2] != v.shape[-2]:
-        raise ValueError("expected q (B, h, N, d), k (B, h, n, d), v (B, h, n, dv), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    try:
-        torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2])
-    except RuntimeError:
-        raise ValueError("the (B, h) of q, k and v must be equal or broadcast, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}") from None
+    _check_attention_args(q, k, v, key_padding_mask)
     dt = _compute_dtype(q)
-    n = k.shape[-2]
+    tiny = torch.finfo(dt).tiny
     with _autocast_off(q.device.type):
         q, k, v_ = q.to(dt), k.to(dt), v.to(dt)
-        kv = k.transpose(-2, -1) @ v_                                   # (B, h, d, dv)
-        den = q @ k.sum(dim=-2).unsqueeze(-1)                           # (B, h, N, 1)
-        out = (q @ kv) / (den + (n * eps if normalizer == "mean" else eps))
+        if key_padding_mask is None:
+            n = k.shape[-2]
+        else:
+            pad = key_padding_mask[:, None, :, None]                      # (B, 1, n, 1)
+            k, v_ = k.masked_fill(pad, 0.), v_.masked_fill(pad, 0.)
+            n = (~pad).sum(dim=-2, keepdim=True).clamp_min(1).to(dt)      # real keys, (B, 1, 1, 1)
+        # out_i is unchanged when q_i is divided by m_i and every k_j by M, the eps by m_i M: with
+        # maxima of 1 the products below cannot overflow (the maxima need no gradient: out does not
+        # change with them)
+        m = q.detach().amax(dim=-1, keepdim=True).clamp_min(tiny)         # (B, h, N, 1)
+        M = k.detach().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)   # (B, h, 1, 1)
+        q, k = q / m, k / M
+        kv = k.transpose(-2, -1) @ v_                                     # (B, h, d, dv)
+        den = q @ k.sum(dim=-2).unsqueeze(-1)                             # (B, h, N, 1)
+        out = (q @ kv) / (den + (n * eps if normalizer == "mean" else eps) / m / M)
     return out.to(v.dtype)
 
 
@@ -213,6 +227,7 @@ class FocusedLinearAttention(nn.Module):
 
     def _check_input(self, x: torch.Tensor, H: int, W: int) -> Tuple[int, int, int]:
         _check_tokens(x, H, W, self.num_prefix_tokens, self.dim)
+        _check_dtype(x, self.q.weight, type(self).__name__)
         if self.sr_ratio > 1 and (H < self.sr_ratio or W < self.sr_ratio):
             raise ValueError(f"grid {H}x{W} is smaller than sr_ratio={self.sr_ratio}")
         return x.shape
@@ -357,11 +372,87 @@ def _check_tokens(x: torch.Tensor, H: int, W: int, P: int, dim: int) -> None:
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
+def _check_dtype(x: torch.Tensor, weight: torch.Tensor, name: str, what: str = "x is",
+                 owner: str = "layer") -> None:
+    """x must have the weights' dtype, or, under autocast (which casts both), neither be float64
+    (which autocast leaves alone)."""
+    if x.dtype == weight.dtype:
+        return
+    f64 = torch.float64 in (x.dtype, weight.dtype)
+    if _autocast_enabled(x.device.type) and not f64:
+        return
+    raise ValueError(f"{name} has {weight.dtype} weights but {what} {x.dtype}: cast one to the "
+                     f"other ({owner}.to({x.dtype}) or x.to({weight.dtype}))"
+                     + (" (torch.autocast leaves float64 alone)" if f64
+                        else ", or run under torch.autocast"))
+
+
+def _check_focus_args(x: torch.Tensor, scale) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 \
+            or x.shape[-1] == 0:
+        raise ValueError("focus: x must be a floating-point tensor (..., C) with C >= 1, got "
+                         + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                            else type(x).__name__))
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor):
+        raise ValueError(f"focus: scale must be a tensor of positive numbers (e.g. (C,)) or None, "
+                         f"got {type(scale).__name__}")
+    sizes = scale.shape[::-1]  # trailing sides first: each 1 or x's (broadcasting, x kept)
+    if len(sizes) > x.dim() or any(a not in (1, b) for a, b in zip(sizes, x.shape[::-1])):
+        raise ValueError(f"focus: scale of shape {tuple(scale.shape)} does not broadcast to x of "
+                         f"shape {tuple(x.shape)}; expected e.g. ({x.shape[-1]},)")
+    # reading values waits for the device (a sync on a GPU) and breaks a torch.compile graph:
+    # checked on the CPU only, where it costs a few microseconds, and on plain tensors (not a
+    # tracer's fake ones, which hold no values)
+    if type(scale) in (torch.Tensor, nn.Parameter) and scale.device.type == "cpu" \
+            and scale.numel() and not _is_compiling() and not _functorch_active():
+        low, high = scale.min().item(), scale.max().item()
+        if not 0 < low <= high < math.inf:  # NaN too
+            raise ValueError("focus: scale must be positive and finite (it divides the features),"
+                             f" got values from {low:g} to {high:g}")
+
+
+def _check_attention_args(q, k, v, key_padding_mask) -> None:
+    """linear_attention's arguments: shapes that fit, n >= 1 keys, a (B, n) bool mask."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) \
+            or (q.dim(), k.dim(), v.dim()) != (4, 4, 4) or q.shape[-1] != k.shape[-1] \
+            or k.shape[-2] != v.shape[-2] or q.shape[-1] == 0:
+        raise ValueError("expected q (B, h, N, d), k (B, h, n, d), v (B, h, n, dv) with d >= 1, "
+                         f"got {tuple(getattr(q, 'shape', ()))}, {tuple(getattr(k, 'shape', ()))}"
+                         f", {tuple(getattr(v, 'shape', ()))}")
+    try:
+        B = torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2])[0]
+    except RuntimeError:
+        raise ValueError("the (B, h) of q, k and v must be equal or broadcast, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}") from None
+    if k.shape[-2] == 0:
+        raise ValueError(f"k and v hold no keys (n = 0, k {tuple(k.shape)}): every query needs "
+                         "at least one key; for sequences of other lengths pad them and pass "
+                         "key_padding_mask")
+    if key_padding_mask is None:
+        return
+    m = key_padding_mask
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.dim() != 2 \
+            or m.shape[1] != k.shape[-2] or m.shape[0] not in (1, B):
+        raise ValueError(f"key_padding_mask must be a bool tensor (B, n) = ({B}, {k.shape[-2]}), "
+                         "True where a key is padding, got "
+                         + (f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor)
+                            else type(m).__name__))
+
+
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()  # torch < 2.3
+
+
+def _functorch_active() -> bool:
+    """Inside a torch.func transform (vmap, grad, jacrev, ...), where a tensor's values cannot be
+    read, and which the fast paths' autograd Functions and out= ops do not support."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's own check
+    return bool(active is not None and active())
 
 
 def _image(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -378,7 +469,26 @@ def _shared_dwc(dwc: nn.Conv2d, image: torch.Tensor, heads: int, conv=F.conv2d) 
     by the heads. image (B, h*d, H, W), channels head-major -> (B, h*d, H, W), zero padding."""
     weight = dwc.weight.repeat(heads, 1, 1, 1).to(image.dtype)     # (h*d, 1, k, k)
     bias = dwc.bias.repeat(heads).to(image.dtype)
+    if conv is F.conv2d and _is_compiling() and torch.is_grad_enabled() and image.requires_grad:
+        conv = _conv_as_shifts  # a graph for every size otherwise (see there)
     return conv(image, weight, bias, padding=dwc.kernel_size[0] // 2, groups=image.shape[1])
+
+
+def _conv_as_shifts(image: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    padding: int, groups: int) -> torch.Tensor:
+    """F.conv2d of a depthwise convolution (groups = channels, stride 1, zero padding k // 2) as
+    the sum of the k x k shifted copies of the image, each times its tap of the kernel. For
+    torch.compile in training: inductor's convolution backward guards on the exact token count
+    of an image that needs a gradient, so that every input size compiled a graph of its own;
+    these elementwise ops keep the sizes dynamic."""
+    H, W = image.shape[-2:]
+    k = weight.shape[-1]
+    x = F.pad(image, (padding,) * 4)
+    out = 0. if bias is None else bias.view(1, -1, 1, 1)
+    for i in range(k):
+        for j in range(k):
+            out = out + x[..., i:i + H, j:j + W] * weight[:, 0, i, j].view(1, -1, 1, 1)
+    return out
 
 
 def _tokens(image: torch.Tensor) -> torch.Tensor:
@@ -455,6 +565,7 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         P, h = self.num_prefix_tokens, self.num_heads
         _check_tokens(x, H, W, P, self.dim)
+        _check_dtype(x, self.q.weight, type(self).__name__)
         B, N, C = x.shape
         q = self.q(x).unflatten(-1, (h, -1)).transpose(1, 2)               # (B, h, N, d)
         if self.sr_ratio > 1:
@@ -493,6 +604,7 @@ class VanillaLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         _check_tokens(x, H, W, self.num_prefix_tokens, self.dim)
+        _check_dtype(x, self.q.weight, type(self).__name__)
         B, N, C = x.shape
         k, v = self.kv(x).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
@@ -774,11 +886,7 @@ def _check_image(x: torch.Tensor, model: nn.Module, min_hw: Tuple[int, int]) -> 
                          f"(one token after its last downsampling), got {x.shape[2]}x{x.shape[3]}")
     if not x.is_floating_point():
         raise ValueError(f"{name} expects floating-point images, got {x.dtype}")
-    weight = next(model.parameters())
-    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
-        raise ValueError(f"{name} has {weight.dtype} weights but the images are {x.dtype}: "
-                         f"cast one to the other (model.to({x.dtype}) or x.to({weight.dtype})), "
-                         "or run under torch.autocast")
+    _check_dtype(x, next(model.parameters()), name, "the images are", "model")
 
 
 class _Classifier(nn.Module):
@@ -2014,8 +2122,16 @@ _FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
 
 
 def list_models(pattern: str = "") -> List[str]:
-    """Names create_model knows, optionally those containing `pattern`."""
-    return sorted(name for name in MODELS if pattern in name)
+    """Names create_model knows, sorted, or those `pattern` selects: with a wildcard (*, ? or
+    [...]) the names it matches whole, as timm's list_models ("*swin*", "flatten_swin_*");
+    without, the names in which it stands as whole words between underscores ("swin": the Swin
+    models, not CSwin; "flatten", "tiny", "pvt_v2"). "" or "*": every name."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string, got {type(pattern).__name__}")
+    if any(c in pattern for c in "*?["):
+        return sorted(fnmatch.filter(MODELS, pattern))
+    words = re.compile(rf"(^|_){re.escape(pattern)}(_|$)")
+    return sorted(name for name in MODELS if not pattern or words.search(name))
 
 
 def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = None, *,
@@ -2639,13 +2755,6 @@ def _choose_path(layer: FocusedLinearAttention, x: torch.Tensor) -> str:
     return "reference"
 
 
-def _functorch_active() -> bool:
-    """Inside a torch.func transform (vmap, grad, jacrev, ...), which the fast paths' autograd
-    Functions and out= ops do not support: the reference runs there."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's own check
-    return bool(active is not None and active())
-
-
 def _fast_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: int, path: str):
     if path == "triton":
         try:
@@ -2676,10 +2785,11 @@ def _forward_train(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: in
     k = k.add_(pe) if k.dtype == pe.dtype else k + pe
     dt = _compute_dtype(q)
     scale = F.softplus(layer.scale).reshape(-1).to(dt)
-    q = _Focus.apply(q, scale, p, 1e-6)
-    k = _Focus.apply(k, scale, p, 1e-6)
+    q, m = _Focus.apply(q, scale, p, 1e-6, "token")    # phi(q) / m, m per query (B, N, 1)
+    k, M = _Focus.apply(k, scale, p, 1e-6, "batch")    # phi(k) / M, M per sample (B, 1, 1)
     q, k, vh = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))
     eps = 1e-6 * k.shape[-2] if layer.normalizer == "mean" else 1e-6
+    eps = (eps / m.view(B, 1, N)).div_(M)               # as in linear_attention: maxima of 1
     with _autocast_off(x.device.type):
         out = _LinearAttention.apply(q, k, vh.to(dt), eps).to(v.dtype)   # (B, h, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)
@@ -2702,7 +2812,7 @@ def _once_differentiable(backward):
     set_fast_path("off"). Under create_graph=True the gradients pass through
     _NotTwiceDifferentiable joined to g and to the saved tensors that require grad, so that the
     refusal also holds when g needs no grad but the inputs do (a penalty on d out / d x)."""
-    def wrapped(ctx, g):
+    def wrapped(ctx, g, *unused):  # the gradients of outputs marked non-differentiable
         with torch.no_grad(), _autocast_off(g.device.type):
             grads = backward(ctx, g)
         if not torch.is_grad_enabled():   # create_graph=False: the usual backward
@@ -2730,18 +2840,22 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
 
 
 class _Focus(torch.autograd.Function):
-    """phi_p(x) with a derived backward; x (..., C), s (C,) the scale, p, offset.
+    """phi_p(x) / D with a derived backward; x (..., C), s (C,) the scale, p, offset, and per:
+    "token" divides each token by its largest entry, "batch" every token of a sample by the
+    largest entry of the sample (the tokens of x[b]). Returns (phi / D, D); D needs no gradient
+    (linear attention does not change with it, the eps aside, which the caller divides by D).
 
     Per token, with y = (ReLU(x) + offset) / s, m = max(y), t = y / m, P = t^p, a = ||y||,
-    b = ||P|| and phi = (a / b) P. For an upstream gradient g and sg = g . P:
-        dL/dy = (p / m) t^(p-1) * ((a / b) g - (sg a / b^3) P) + (sg m / (a b)) t
+    b = ||P|| and phi = (a / b) P (its largest entry is a / b). For an upstream gradient g of
+    phi / D, dL/dphi = g / D, and with sg = (g / D) . P:
+        dL/dy = (p / m) t^(p-1) * ((a / b) g / D - (sg a / b^3) P) + (sg m / (a b)) t
     (the terms of d(P)/dy, d(1/b)/dy and d(a)/dy), then dL/dx = dL/dy [x > 0] / s and
-    dL/ds = -(sum over tokens of m dL/dy * t) / s. Saves t, the mask [x > 0] and three numbers
+    dL/ds = -(sum over tokens of m dL/dy * t) / s. Saves t, the mask [x > 0] and four numbers
     per token, where autograd through the formula keeps every intermediate.
     """
 
     @staticmethod
-    def forward(ctx, x, s, p, offset):
+    def forward(ctx, x, s, p, offset, per):
         dt = s.dtype
         tiny = torch.finfo(dt).tiny
         positive = x > 0 if ctx.needs_input_grad[0] else None
@@ -2751,14 +2865,19 @@ class _Focus(torch.autograd.Function):
         a = torch.linalg.vector_norm(t, dim=-1, keepdim=True).mul_(m)
         P = t.pow(p) if p != 1 else t
         b = torch.linalg.vector_norm(P, dim=-1, keepdim=True).clamp_min_(tiny)
-        ctx.save_for_backward(positive, s, t, m, a, b)
+        f = a / b                                                 # phi = f P, max(phi) = f
+        D = f if per == "token" else f.amax(dim=tuple(range(1, f.dim())), keepdim=True)
+        D = D.clamp_min(tiny)
+        ctx.save_for_backward(positive, s, t, m, a, b, D)
         ctx.p, ctx.offset, ctx.x_dtype = p, offset, x.dtype
-        return P.mul_(a / b) if p != 1 else P * (a / b)   # t (P at p = 1) is saved
+        ctx.mark_non_differentiable(D)
+        f = f.div_(D)
+        return (P.mul_(f) if p != 1 else P * f), D   # t (P at p = 1) is saved
 
     @staticmethod
     @_once_differentiable
     def backward(ctx, g):
-        positive, s, t, m, a, b = ctx.saved_tensors
+        positive, s, t, m, a, b, D = ctx.saved_tensors
         p, dt = ctx.p, s.dtype
         g = g.to(dt)
         tp1 = None
@@ -2767,9 +2886,9 @@ class _Focus(torch.autograd.Function):
             if p < 1:  # t^(p-1) is infinite at t = 0, where [x > 0] zeroes the gradient anyway
                 tp1 = torch.where(t > 0, tp1, torch.zeros_like(tp1))
         P = tp1 * t if tp1 is not None else t
-        sg = (g * P).sum(dim=-1, keepdim=True)
+        sg = (g * P).sum(dim=-1, keepdim=True).div_(D)
         a_b, p_m = a / b, p / m
-        gy = g * (a_b * p_m)                                      # dL/dy, term by term
+        gy = g * (a_b * p_m / D)                                  # dL/dy, term by term
         gy.addcmul_(P, sg * a_b * p_m / b.square(), value=-1)
         if tp1 is not None:
             gy.mul_(tp1)
@@ -2780,11 +2899,12 @@ class _Focus(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gs = ((gy * t).reshape(-1, t.shape[-1]).t() @ m.reshape(-1)).div_(s).neg_()
         gx = gy.div_(s).mul_(positive).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return gx, gs, None, None
+        return gx, gs, None, None, None
 
 
 class _LinearAttention(torch.autograd.Function):
-    """out = (q KV) * r with KV = k^T v, ks = sum_j k_j, r = 1 / (q . ks + eps); per (B, h).
+    """out = (q KV) * r with KV = k^T v, ks = sum_j k_j, r = 1 / (q . ks + eps); per (B, h);
+    eps a number or a tensor that broadcasts to (B, h, N).
 
     Backward, for an upstream gradient g (N x dv), with G = g KV^T (N x d):
         dL/dr_i = q_i . G_i,   dL/dden_i = -r_i^2 dL/dr_i   (den = q . ks + eps)
@@ -2870,7 +2990,9 @@ class _DepthwiseConv(torch.autograd.Function):
 #      (pe + b_k) / s + o / s, written first), then one clamp, give y for q and for k.
 #   2. phi_p(y) = c t^p with t = y / max(y) and c = ||y|| / ||t^p||, in place.
 #   3. The queries' factor c cancels between numerator and normaliser up to the eps:
-#      q KV / (q . ks + eps) = t^p KV / (t^p . ks + eps / c) exactly, so only the keys take c.
+#      q KV / (q . ks + eps) = t^p KV / (t^p . ks + eps / c) exactly, so only the keys take c,
+#      divided by M, the largest c of the sample's keys (the eps then by c M): every factor of
+#      the products has a maximum of 1, as in linear_attention, and cannot overflow.
 #   4. r q KV + DWC(v) is one pass (addcmul) into the spent buffer of the keys.
 
 
@@ -2900,11 +3022,13 @@ def _forward_inference(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W
     k = torch.addmm(k.view(B * N, C), x2, (wk * inv[:, None]).t(), out=k.view(B * N, C))
     v = F.linear(x, wv, None if bkv is None else bkv[C:])            # (B, N, C)
     cq = _focus_in_place(q, floor, p)                                # queries: t^p (step 3)
-    k.mul_(_focus_in_place(k, floor, p))                             # keys: phi = c t^p
+    ck = _focus_in_place(k, floor, p).view(B, N, 1)
+    M = ck.amax(dim=1, keepdim=True)                                 # (B, 1, 1)
+    k.view(B, N, C).mul_(ck.div_(M))                                 # keys: phi / M = c t^p / M
     q, k, vh = (t.view(B, N, h, d).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d) views
     kv = k.transpose(-2, -1) @ vh                                    # (B, h, d, d)
     eps = 1e-6 * N if layer.normalizer == "mean" else 1e-6
-    eps = cq.view(B, 1, N).reciprocal_().mul_(eps)                   # step 3
+    eps = cq.view(B, 1, N).reciprocal_().mul_(eps).div_(M)          # step 3
     r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
     out = torch.matmul(q, kv, out=k)                                 # q KV into k's buffer
     dwc = layer._dwc(v[:, P:], H, W).view(B, N - P, h, d).transpose(1, 2)
@@ -2926,7 +3050,9 @@ def _forward_inference(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W
 #   queries: per head and block of query tokens, t^p of the queries (their factor c cancels up to
 #            the eps, step 3 of the inference path), the normalised t^p K^T V, plus the DWC of v
 #            over the k x k neighbours of each grid token, read straight from v.
-# The focused kernel scales by the per-token maximum, as the reference does. A kernel that fails
+# The focused kernel scales by the per-token maximum, as the reference does, and the keys enter
+# divided by a bound M of the sample's largest feature (the eps by M), so that no product of
+# K^T V or of the normaliser overflows (the paths agree from 1e-20 to 1e20). A kernel that fails
 # to compile or launch (a Triton or GPU it was never run on) warns once and leaves that
 # configuration to the torch paths.
 
@@ -3022,6 +3148,7 @@ if triton is not None:
                              D_PAD: tl.constexpr, P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
         # program (b, chunk, head): sum over the chunk's key tokens of phi_p(k)^T v and of phi_p(k)
         b = tl.program_id(0).to(tl.int64)  # 64-bit offsets
+        inv_s_ptr += b * C  # the sample's 1 / (scale M): phi_p(k) / M
         ch, hh = tl.program_id(1), tl.program_id(2)
         cols = tl.arange(0, D_PAD)
         cmask = cols < D
@@ -3050,7 +3177,7 @@ if triton is not None:
 
     @triton.jit
     def _flatten_queries_kernel(q_ptr, v_ptr, v_stride, inv_s_ptr, kv_ptr, ks_ptr, w_ptr, bias_ptr,
-                                out_ptr, N, GH, GW, PREFIX, offset, p, eps, C, H: tl.constexpr,
+                                out_ptr, eps_ptr, N, GH, GW, PREFIX, offset, p, C, H: tl.constexpr,
                                 D: tl.constexpr, D_PAD: tl.constexpr, KS: tl.constexpr,
                                 P_INT: tl.constexpr, BLOCK_N: tl.constexpr):
         # program (b, block, head): t^p KV / (t^p . ks + eps / c) + DWC(v) for a block of queries
@@ -3069,7 +3196,8 @@ if triton is not None:
         tp = _tl_power(y / m[:, None], p, P_INT)
         kv = tl.load(kv_ptr + (b * H + hh) * D_PAD * D_PAD + cols[:, None] * D_PAD + cols[None, :])
         ks = tl.load(ks_ptr + (b * H + hh) * D_PAD + cols)
-        den = tl.sum(tp * ks[None, :], axis=1) + eps * norm_tp / (norm_t * m)   # eps / c
+        eps = tl.load(eps_ptr + b)                                             # eps / M
+        den = tl.sum(tp * ks[None, :], axis=1) + eps * norm_tp / (norm_t * m)   # eps / (c M)
         out = tl.dot(tp, kv, input_precision="ieee") / den[:, None]
         # the DWC: grid tokens only (class tokens first), zero padding k // 2
         g = tok - PREFIX
@@ -3106,6 +3234,11 @@ def _forward_triton(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: i
         v_grid, v_stride = v_grid.transpose(1, 2).contiguous(), C
     pe = layer._positional_encoding(kh, kw).reshape(n, C).float().contiguous()
     inv_s = F.softplus(layer.scale).reshape(C).float().reciprocal()
+    # the keys enter as phi_p(k) / M, the eps as eps / M (as in the inference path): M bounds the
+    # largest entry of the sample's phi_p(k) by ||y|| <= sqrt(C) max(y), from one read of k
+    kmax = k.amax(dim=(1, 2)).float() + pe.amax()                                # (B,)
+    M = (kmax.clamp_min(0) + 1e-6).mul_(inv_s.max() * math.sqrt(C))
+    inv_s_keys = (inv_s / M[:, None]).contiguous()                              # (B, C)
     p_int = int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
     d_pad = max(16, triton.next_power_of_2(d))
     bn = _TRITON_BLOCK_N
@@ -3114,7 +3247,7 @@ def _forward_triton(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: i
     chunks = triton.cdiv(n, chunk)
     kv = x.new_empty((B, chunks, h, d_pad, d_pad), dtype=torch.float32)
     ks = x.new_empty((B, chunks, h, d_pad), dtype=torch.float32)
-    eps = 1e-6 * n if layer.normalizer == "mean" else 1e-6  # as in linear_attention
+    eps = (1e-6 * n if layer.normalizer == "mean" else 1e-6) / M  # as in linear_attention
     weight = layer.dwc.weight.reshape(d, -1).float().contiguous()
     out = torch.empty_like(q)
     bias, warps = layer.dwc.bias.float(), 8 if d_pad >= 64 else 4  # 8 warps: fewer register spills
@@ -3123,12 +3256,13 @@ def _forward_triton(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: i
     # fault inside a running kernel surfaces later, as a CUDA error, and cannot be caught here.)
     try:  # Triton launches on the current CUDA device: make it x's
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s, kv, ks, n, chunk, 1e-6, p,
-                                                 C, h, d, d_pad, p_int, bn, num_warps=warps)
+            _flatten_keys_kernel[(B, chunks, h)](k, v, 2 * C, pe, inv_s_keys, kv, ks, n, chunk,
+                                                 1e-6, p, C, h, d, d_pad, p_int, bn,
+                                                 num_warps=warps)
             kv, ks = kv.sum(dim=1), ks.sum(dim=1)           # (B, h, d_pad, d_pad), (B, h, d_pad)
             _flatten_queries_kernel[(B, triton.cdiv(N, bn), h)](
-                q, v_grid, v_stride, inv_s, kv, ks, weight, bias, out,
-                N, H, W, P, 1e-6, p, eps, C, h, d, d_pad, layer.kernel_size, p_int, bn,
+                q, v_grid, v_stride, inv_s, kv, ks, weight, bias, out, eps,
+                N, H, W, P, 1e-6, p, C, h, d, d_pad, layer.kernel_size, p_int, bn,
                 num_warps=warps)
     except torch.cuda.OutOfMemoryError:
         raise

@@ -206,6 +206,41 @@ def test_linear_order_equals_explicit_matrix(case, normalizer, eps, head_views):
                 f"{normalizer}: Eq. 4")
 
 
+@pytest.mark.parametrize("normalizer", ["mean", "sum"])
+def test_key_padding_mask_equals_the_explicit_matrix_of_the_real_keys(normalizer):
+    """linear_attention(..., key_padding_mask): sequences of 6, 2, 4 and 0 real keys padded to 7
+    with infinite keys and NaN values (padding may hold anything) give what the explicit N x n
+    matrix of each sequence's real keys alone gives (analysis.linear_attention_matrix, whose mean
+    normaliser counts those keys), gradients included (none for padding); no real key: zeros."""
+    g = torch.Generator().manual_seed(11)
+    lengths, n, h, N, d = (6, 2, 4, 0), 7, 2, 5, 3
+    B = len(lengths)
+    q = fl.focus(randn(g, B, h, N, d), 3.0).requires_grad_()
+    k, v = fl.focus(randn(g, B, h, n, d), 3.0), randn(g, B, h, n, d + 1)
+    mask = torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]         # True: padding
+    k = k.masked_fill(mask[:, None, :, None], float("inf")).requires_grad_()
+    v = v.masked_fill(mask[:, None, :, None], float("nan")).requires_grad_()
+    out = fl.linear_attention(q, k, v, normalizer=normalizer, key_padding_mask=mask)
+    gq, gk, gv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for b, L in enumerate(lengths):
+        case = f"[{normalizer}, sequence {b} of {L} real keys padded to {n}, B={B} h={h} N={N} " \
+               f"d={d} seed=11]"
+        if L == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b])), f"{case}: not zeros"
+            continue
+        qb, kb, vb = (t[b:b + 1].detach().clone().requires_grad_() for t in (q, k[:, :, :L],
+                                                                           v[:, :, :L]))
+        ref = analysis.linear_attention_matrix(qb, kb, normalizer=normalizer) @ vb
+        assert_close(out[b:b + 1], ref, f"{case} output", 1e-12, 1e-13)
+        refs = torch.autograd.grad(ref.square().sum(), (qb, kb, vb))
+        for name, got, want in (("q", gq[b:b + 1], refs[0]), ("k", gk[b:b + 1, :, :L], refs[1]),
+                                ("v", gv[b:b + 1, :, :L], refs[2])):
+            assert_close(got, want, f"{case} d/d{name}", 1e-10, 1e-12)
+    padded = mask[:, None, :, None].expand_as(gk)
+    assert (gk[padded] == 0).all() and (gv[padded[..., :1].expand_as(gv)] == 0).all(), \
+        f"[{normalizer}, seed=11] a padding key or value gets a gradient"
+
+
 @given(case=cases(max_sr=3, prefix=True), with_dwc=st.booleans())
 @example(case=TRICKY, with_dwc=True)
 @example(case=TRICKY_SR, with_dwc=True)

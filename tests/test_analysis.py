@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import analysis
 
 MAPS = ("softmax", "vanilla linear", "focused linear", "focused linear + DWC")
@@ -28,3 +30,26 @@ def test_analysis_command_prints_table(capsys):
     out = capsys.readouterr().out
     for name in (*MAPS, "rank", "entropy"):
         assert name in out, f"[--grid 4 5 --head-dim 3 --heads 1]: '{name}' missing from:\n{out}"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--grid", "0", "0"], "--grid 0 0: expected two positive whole numbers"),
+    (["--grid", "5", "-3"], "--grid 5 -3: expected two positive whole numbers"),
+    (["--grid", "a", "3"], "argument --grid: invalid int value: 'a'"),
+    (["--heads", "0"], "--heads 0: expected a positive whole number"),
+    (["--head-dim", "-1"], "--head-dim -1: expected a positive whole number"),
+    (["--focusing-factor", "nan"], "--focusing-factor nan: expected a finite number > 0"),
+    (["--focusing-factor", "-2"], "--focusing-factor -2: expected a finite number > 0"),
+    (["--kernel-size", "4"], "--kernel-size 4: expected an odd positive whole number"),
+    (["--grid", "400", "400"], "--grid 400 400: the maps would need about"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
+    """As bench.py: one line on stderr (no usage block, no traceback), exit status 2, nothing
+    computed or printed."""
+    with pytest.raises(SystemExit) as exc:
+        analysis.main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2, f"{argv}: exit status {exc.value.code}"
+    assert err.count("\n") == 1 and err.startswith("analysis.py: error: "), f"{argv}: {err!r}"
+    assert needle in err and not out, f"{argv}: stderr {err!r}, stdout {out!r}"

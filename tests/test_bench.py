@@ -827,13 +827,13 @@ def test_a_loaded_machine_runs_on_one_thread_and_says_so(monkeypatch):
     assert bench.parse_args([]).threads == 2
 
 
-def synthetic(times, monkeypatch, load=0.3):
+def synthetic(times, monkeypatch, load=0.3, flags=()):
     """Rows of the pvt table (sdpa, ours, official at r = 32) with these per-call times (s),
     rendered: the text and the JSON."""
     monkeypatch.setattr(bench, "usable_cpus", lambda: 2)
     monkeypatch.setattr(bench, "load_average", lambda: load)
     args = bench.parse_args(["--resolutions", "32", "--sections", "layers", "--shapes", "pvt",
-                             "--methods", *times])
+                             "--methods", *times, *flags])
     rows = bench.plan(args)
     for row in rows.values():
         for m in row.cells.values():
@@ -954,3 +954,28 @@ def test_model_macs_of_flatten_pvt_tiny():
     """FLatten-PVT-T at 224 x 224: 2.0 GFLOPs (multiply-adds) in the paper, 2.037 G counted."""
     model = fl.create_model("flatten_pvt_tiny")
     assert round(bench.model_macs(model, 1, 224) / 1e9, 3) == 2.037
+
+
+def test_a_baseline_run_has_a_vs_baseline_column(old_flatten, monkeypatch, tmp_path):
+    """--baseline FILE: the layer tables get "vs baseline", the baseline's time over the row's
+    (ours 3x faster here: 3.00), in the JSON and the CSV too; a run without it has none."""
+    times = {"sdpa": QUIET, "ours": [t / 2 for t in QUIET], "official": QUIET,
+             "baseline": [t * 1.5 for t in QUIET]}
+    text, data = synthetic(times, monkeypatch, flags=["--baseline", str(old_flatten)])
+    lines = text.splitlines()
+    header = next(line for line in lines if "vs official" in line)
+    assert header.rstrip("| ").endswith("vs baseline"), header
+    ours = next(line for line in lines if "focused linear (ours)" in line)
+    assert ours.rstrip("| ").endswith("3.00 / 3.00"), ours
+    base = next(line for line in lines if "focused linear, baseline" in line)
+    assert base.rstrip("| ").endswith("1.00 / 1.00"), base
+    rows = {r["method"]: r for r in data["layers"]}
+    for mode in ("fwd", "fwdbwd"):
+        assert rows["ours"][f"vs_baseline_{mode}"] == pytest.approx(3.0), mode
+        assert rows["sdpa"][f"vs_baseline_{mode}"] == pytest.approx(1.5), mode
+    bench.write_csv(tmp_path / "r.csv", data)
+    with open(tmp_path / "r.csv") as f:
+        ours_csv = [r for r in csv.DictReader(f) if r["method"] == "ours"]
+    assert [float(r["vs_baseline"]) for r in ours_csv] == pytest.approx([3.0, 3.0]), ours_csv
+    text, data = synthetic({k: v for k, v in times.items() if k != "baseline"}, monkeypatch)
+    assert "vs baseline" not in text and "vs_baseline_fwd" not in data["layers"][0]

@@ -9,6 +9,8 @@ construction grid, half precision, and each focusing-factor branch of the kernel
 switch, the numerically delicate corners, the fallback of a failing kernel.
 """
 
+import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -114,6 +116,44 @@ def test_every_path_equals_the_reference(request, path, case, dtype):
     names = ["x"] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, grads, ref_grads):
         assert_close(a, b, f"{what} d/d{name}", rtol=tol, atol=tol * b.abs().max().item())
+
+
+SCALES = [10.0 ** e for e in range(-20, 21, 10)]
+
+
+@pytest.mark.parametrize("path", ["reference", "train", "inference", "triton"])
+def test_every_path_agrees_from_1e_minus_20_to_1e20(request, path):
+    """Inputs scaled by 1e-20 to 1e20 in float32: the output within 1e-5 of its largest entry of
+    the float64 reference's, and (training) the gradient w.r.t. x within 1e-4 of its largest
+    entry, every parameter's from 1 up (below, the inputs vanish under the biases, and the
+    gradients of scale, positional_encoding and q cancel to a few % of float32 rounding, the
+    float32 reference's alike). At 1e15 the reference's q K^T V overflowed float32, at 1e20
+    every path's K^T V: the focused kernel scales each token by its largest entry, linear
+    attention the queries and keys by their largest entries."""
+    m = randomize(fl.FocusedLinearAttention(32, 16, 2, qkv_bias=True, num_prefix_tokens=1),
+                  seed=81, std=0.3)
+    m64 = copy.deepcopy(m).double()
+    x0 = seeded(2, 17, 32, seed=82)
+    if path == "triton":
+        device = request.getfixturevalue("triton_on_cpu")
+        m, x0 = m.to(device), x0.to(device)
+    grad = path == "train"
+    for s in SCALES if path != "triton" else SCALES[::2]:  # the interpreter: 1e-20, 1, 1e20
+        what = f"[{path}, input 2x17x32 seed=82 times {s:g}, float32]"
+        x = x0 * s
+        with fast_path("off"):
+            ref, ref_grads = outputs_and_gradients(lambda t: m64(t, 4, 4), m64, x.double(), grad)
+        with torch.set_grad_enabled(grad):
+            taken = m.forward_path(x.clone().requires_grad_(grad))
+        assert taken == path or path == "reference", f"{what} forward takes the {taken} path"
+        with fast_path("off") if path == "reference" else contextlib.nullcontext():
+            out, grads = outputs_and_gradients(lambda t: m(t, 4, 4), m, x, grad)
+        assert torch.isfinite(out).all(), f"{what} output not finite"
+        assert_close(out, ref, f"{what} output", 0, 1e-5 * ref.abs().max().item())
+        names = ["x"] + [n for n, _ in m.named_parameters()]
+        for name, a, b in zip(names, grads, ref_grads):
+            if name == "x" or s >= 1:
+                assert_close(a, b, f"{what} d/d{name}", 0, 1e-4 * b.abs().max().item())
 
 
 # -----------------------------------------------------------------------------

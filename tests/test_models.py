@@ -239,6 +239,35 @@ def test_set_input_size_non_square_equals_on_the_fly_resampling(name):
 # The timm-style API
 
 
+SWIN = ["flatten_swin_base", "flatten_swin_base_384", "flatten_swin_small", "flatten_swin_tiny",
+        "swin_base", "swin_small", "swin_tiny"]
+CSWIN = ["cswin_base", "cswin_small", "cswin_tiny", "flatten_cswin_base", "flatten_cswin_base_384",
+         "flatten_cswin_small", "flatten_cswin_tiny"]
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("swin", SWIN),                                   # a whole word: not CSwin
+    ("cswin", CSWIN),
+    ("*swin*", sorted(SWIN + CSWIN)),                 # timm's wildcards match whole names
+    ("flatten_swin_*", SWIN[:4]),
+    ("swin_tiny", ["flatten_swin_tiny", "swin_tiny"]),
+    ("flatten_*_base_38?", ["flatten_cswin_base_384", "flatten_swin_base_384"]),
+    ("[cs]win_tiny", ["swin_tiny"]),
+    ("sw", []),                                       # part of a word: nothing
+    ("swin_tiny_x", []),
+])
+def test_list_models_patterns(pattern, expected):
+    assert fl.list_models(pattern) == expected, f"list_models({pattern!r})"
+
+
+def test_list_models_everything_and_bad_patterns():
+    names = fl.list_models()
+    assert names == sorted(fl.MODELS) == fl.list_models("*"), "list_models() / ('*')"
+    assert fl.list_models("tiny") == [n for n in names if n.endswith("_tiny")], "tiny"
+    with pytest.raises(ValueError, match="pattern must be a string, got list"):
+        fl.list_models(["swin"])
+
+
 def test_model_api():
     names = fl.list_models()
     expected = {"flatten_pvt_tiny", "flatten_pvt_v2_b5", "flatten_deit_base", "pvt_large",
@@ -472,6 +501,11 @@ def layer32():
     return fl.FocusedLinearAttention(32, 64, 2)
 
 
+def autocast_bf16(call):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return call()
+
+
 BAD_FOCUSING = [float("nan"), float("inf"), 0, -1, "3"]
 BAD_INPUT = [
     # (id, call, a regular expression the message must match)
@@ -514,6 +548,22 @@ BAD_INPUT = [
     ("dtype", lambda: fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1))(
         torch.zeros(1, 3, 64, 64, dtype=torch.float64)), r"float32 weights but the images are "
      r"torch.float64: cast one to the other"),
+    ("dtype-layer", lambda: layer32()(torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8),
+     r"FocusedLinearAttention has torch.float32 weights but x is torch.float64: cast one to the "
+     r"other \(layer.to\(torch.float64\) or x.to\(torch.float32\)\)"),
+    ("dtype-layer-bfloat16", lambda: layer32().bfloat16()(torch.zeros(2, 64, 32), 8, 8),
+     r"torch.bfloat16 weights but x is torch.float32: .*, or run under torch.autocast"),
+    ("dtype-layer-autocast-float64", lambda: autocast_bf16(
+        lambda: layer32()(torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8)),
+     r"x is torch.float64: .*torch.autocast leaves float64 alone"),
+    ("dtype-model-autocast-float64", lambda: autocast_bf16(
+        lambda: fl.create_model("flatten_deit_tiny", depth=1)(torch.zeros(1, 3, 32, 32,
+                                                                         dtype=torch.float64))),
+     r"images are torch.float64: .*torch.autocast leaves float64 alone"),
+    ("dtype-softmax", lambda: fl.SoftmaxAttention(32, 2)(
+        torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8), r"SoftmaxAttention has torch.float32"),
+    ("dtype-vanilla", lambda: fl.VanillaLinearAttention(32, 2)(
+        torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8), r"VanillaLinearAttention has torch"),
     ("unknown-model", lambda: fl.create_model("flatten_pvt_huge"), r"unknown model"),
     ("unknown-field", lambda: fl.create_model("flatten_pvt_tiny", embed_dim=3),
      r"no config field embed_dim"),
@@ -531,6 +581,40 @@ BAD_INPUT = [
     for name, small in (("flatten_pvt_v2_b0", {"depths": (1, 1, 1, 1)}),
                         ("flatten_deit_tiny", {"depth": 1}))
     for size in (0, -5, (224,))
+] + [
+    ("focus-integer-x", lambda: fl.focus(torch.arange(8).view(2, 4)),
+     r"focus: x must be a floating-point tensor \(\.\.\., C\) with C >= 1, got torch.int64"),
+    ("focus-0-dim-x", lambda: fl.focus(torch.tensor(1.)),
+     r"focus: x must be .*got torch.float32 \(\)"),
+    ("focus-scale-number", lambda: fl.focus(torch.ones(2, 4), 3, 2.0),
+     r"focus: scale must be a tensor of positive numbers"),
+    ("focus-scale-shape", lambda: fl.focus(torch.ones(2, 4), 3, torch.ones(5)),
+     r"focus: scale of shape \(5,\) does not broadcast to x of shape \(2, 4\); expected e.g. "
+     r"\(4,\)"),
+    ("focus-scale-grows-x", lambda: fl.focus(torch.ones(2, 4), 3, torch.ones(3, 2, 4)),
+     r"focus: scale of shape \(3, 2, 4\) does not broadcast to x"),
+] + [
+    (f"focus-scale-{name}", lambda bad=bad: fl.focus(torch.ones(2, 4), 3,
+                                                     torch.tensor([1., bad, 2., 1.])),
+     rf"focus: scale must be positive and finite .*, got values from {low} to {high}")
+    for name, bad, low, high in (("zero", 0., 0, 2), ("negative", -3., -3, 2),
+                                 ("inf", float("inf"), 1, "inf"),
+                                 ("nan", float("nan"), "nan", "nan"))
+] + [
+    ("linear_attention-no-keys", lambda: fl.linear_attention(
+        torch.ones(1, 1, 3, 4), torch.ones(1, 1, 0, 4), torch.ones(1, 1, 0, 2)),
+     r"k and v hold no keys \(n = 0, k \(1, 1, 0, 4\)\)"),
+    ("linear_attention-d=0", lambda: fl.linear_attention(
+        torch.ones(1, 1, 3, 0), torch.ones(1, 1, 2, 0), torch.ones(1, 1, 2, 2)),
+     r"expected q \(B, h, N, d\), k \(B, h, n, d\), v \(B, h, n, dv\) with d >= 1"),
+] + [
+    (f"linear_attention-mask-{name}", lambda mask=mask: fl.linear_attention(
+        torch.ones(2, 1, 3, 4), torch.ones(2, 1, 5, 4), torch.ones(2, 1, 5, 2),
+        key_padding_mask=mask),
+     r"key_padding_mask must be a bool tensor \(B, n\) = \(2, 5\), True where a key is padding")
+    for name, mask in (("float", torch.zeros(2, 5)), ("n", torch.zeros(2, 4, dtype=torch.bool)),
+                       ("B", torch.zeros(3, 5, dtype=torch.bool)),
+                       ("3-dim", torch.zeros(2, 1, 5, dtype=torch.bool)))
 ]
 
 
@@ -538,6 +622,41 @@ BAD_INPUT = [
 def test_bad_input_raises_a_value_error_saying_what_was_expected(call, expected):
     with pytest.raises(ValueError, match=expected):
         call()
+
+
+def test_focus_reads_scale_values_only_where_it_costs_no_wait():
+    """A zero scale is refused on the CPU (a few microseconds), but not read where that waits for
+    a device or breaks a graph: on the meta device and fake tensors (no values; the GMAC counts
+    of the models run on fake tensors) and under torch.func."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    zero = torch.tensor([1., 0., 1., 1.])
+    with pytest.raises(ValueError, match="scale must be positive"):
+        fl.focus(torch.ones(2, 4), 3, zero)
+    out = fl.focus(torch.ones(2, 4, device="meta"), 3, zero.to("meta"))
+    assert out.shape == (2, 4) and out.device.type == "meta", "[meta device] focus"
+    with FakeTensorMode():
+        out = fl.focus(torch.ones(2, 4), 3, torch.tensor([1., 0., 1., 1.]))
+    assert out.shape == (2, 4), "[fake tensors] focus"
+    out = torch.func.vmap(lambda t: fl.focus(t, 3, zero))(torch.ones(2, 4))
+    assert out.shape == (2, 4), "[torch.func.vmap] focus"
+
+
+@pytest.mark.parametrize("weights,tokens", [(torch.float32, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32),
+                                            (torch.float16, torch.float32)])
+def test_layer_takes_another_dtype_under_autocast(weights, tokens):
+    """Under torch.autocast (which casts both) x may have another dtype than the weights; the
+    output is autocast's dtype and close to the float32 layer's (2e-2 of its largest entry)."""
+    m = randomize(fl.FocusedLinearAttention(32, 16, 2, qkv_bias=True))
+    x = seeded(2, 16, 32, seed=71)
+    with torch.no_grad():
+        ref = m(x, 4, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m.to(weights)(x.to(tokens), 4, 4)
+    case = f"[autocast bfloat16, {weights} weights, {tokens} x, 2x16x32 seed=71]"
+    assert out.dtype == torch.bfloat16, f"{case}: output {out.dtype}"
+    assert_close(out.float(), ref, case, 0, 2e-2 * ref.abs().max().item())
 
 
 # -----------------------------------------------------------------------------
@@ -610,3 +729,30 @@ def test_compile_at_two_sizes_in_training_and_inference():
         assert_close(grad, ref_grad, f"[{H}x{W} seed={H * W}] d/dx compiled vs eager")
         with torch.no_grad():
             assert_close(compiled(x, H, W), ref, f"[{H}x{W} seed={H * W}] inference")
+
+
+@pytest.mark.slow
+def test_compile_training_keeps_the_dwc_graph_across_sizes():
+    """README, torch.compile in training: inductor's backward of a convolution whose input needs
+    a gradient guards on the input's exact size (a graph per token count); under the compiler
+    with gradients the DWC is the sum of its shifted copies instead, so one dynamic graph serves
+    every size. Inductor itself (the guard is its own) on the DWC of a tiny layer, dynamic=True,
+    graphs counted by torch._dynamo's counters; without inductor's caches, whose entries bring
+    the guards of other runs. (The whole layer under the compiler is held to the reference by
+    tests/test_fast_paths.py.)"""
+    from torch._dynamo.utils import counters
+
+    m = randomize(fl.FocusedLinearAttention(4, 4, 1, kernel_size=3, grid_size=(2, 2)), std=0.3)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    compiled = torch.compile(lambda t, H, W: m._dwc(t, H, W), dynamic=True)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        for H, W in ((3, 3), (4, 5), (6, 4)):
+            x = seeded(1, H * W, 4, seed=H * W).requires_grad_()
+            (grad,) = torch.autograd.grad(compiled(x, H, W).square().sum(), x)
+            (ref,) = torch.autograd.grad(m._dwc(x, H, W).square().sum(), x)
+            assert_close(grad, ref, f"[DWC {H}x{W} seed={H * W}] d/dx compiled vs eager")
+            graphs = counters["stats"]["unique_graphs"] - before
+            assert graphs == 1, f"[DWC, training, grid {H}x{W}] {graphs} graphs compiled, " \
+                "expected 1 (a convolution's backward guards on the token count)"

@@ -90,11 +90,16 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         f"FocusedLinearAttention2d: {tuple(ns.p5.shape)}, {tuple(ns.p4.shape)}"
     assert torch.equal(ns.model.patch_embed1.proj.weight, sd["patch_embed1.proj.weight"])
     assert ns.y.shape == (2, 2400, 64)
-    # the cross-attention example: (B, N, dim) from queries and a context of another length
+    # the cross-attention example: (B, N, dim) from queries and contexts of other lengths, the
+    # second padded: each is the explicit matrix of its real keys alone
     assert ns.out.shape == (2, 100, 64)
-    explicit = analysis.linear_attention_matrix(ns.q, ns.k) @ ns.v           # (B, h, N, d)
-    assert_close(ns.out, explicit.transpose(1, 2).flatten(2), "[README cross-attention] output",
-                 1e-5, 1e-6)
+    lengths = (~ns.padding).sum(-1).tolist()
+    assert lengths == [77, 50], f"[README cross-attention] context lengths {lengths}"
+    for b, L in enumerate(lengths):
+        explicit = analysis.linear_attention_matrix(ns.q[b:b + 1], ns.k[b:b + 1, :, :L]) \
+            @ ns.v[b:b + 1, :, :L]                                            # (1, h, N, d)
+        assert_close(ns.out[b:b + 1], explicit.transpose(1, 2).flatten(2),
+                     f"[README cross-attention, context {b} of {L} keys] output", 1e-5, 1e-6)
     assert os.getcwd() == str(tmp_path)
 
 
