@@ -1036,8 +1036,8 @@ class VisionTransformer(_Classifier):
 class WindowAttention(nn.Module):
     """Swin's softmax attention in w x w windows, with a learned relative position bias.
 
-    forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 or None
-    -> (B * windows, w * w, C). The official operations, in the official order.
+    forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 / -inf
+    or None -> (B * windows, w * w, C). The official operations, in the official order.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
@@ -1076,7 +1076,9 @@ class WindowAttention(nn.Module):
 
 def _window_mask(Hp: int, Wp: int, H: int, W: int, w: int, shift: int, device) -> torch.Tensor:
     """The additive mask (windows, w*w, w*w) of a padded, cyclically shifted Hp x Wp grid: -100
-    between tokens of different regions of the shift (Swin's mask) and for padding keys."""
+    between tokens of different regions of the shift (Swin's mask, the official value), -inf for
+    padding keys, which so get exactly zero weight (every window holds a real token: no row is
+    all -inf)."""
     region = torch.zeros(Hp, Wp, device=device)
     if shift:
         cuts = (slice(0, -w), slice(-w, -shift), slice(-shift, None))
@@ -1086,8 +1088,9 @@ def _window_mask(Hp: int, Wp: int, H: int, W: int, w: int, shift: int, device) -
     pad[:H, :W] = False
     pad = torch.roll(pad, (-shift, -shift), dims=(0, 1))
     region, pad = (_windows(t[None, :, :, None], w, w)[..., 0] for t in (region, pad))
-    mask = (region[:, None, :] != region[:, :, None]) | pad[:, None, :]
-    return torch.zeros(mask.shape, device=device).masked_fill_(mask, -100.)
+    mask = torch.zeros(region.shape[0], w * w, w * w, device=device)
+    mask.masked_fill_(region[:, None, :] != region[:, :, None], -100.)
+    return mask.masked_fill_(pad[:, None, :], float("-inf"))
 
 
 def _windows(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:

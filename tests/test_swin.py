@@ -267,10 +267,11 @@ def make_window_block(dim, heads, window, shifted, seed):
 
 def reference_window_attention(attn, x, H, W, w, shift):
     """Swin's attention written per token: a query at (i, j) of the H x W grid attends, with a
-    softmax, to the real (not padding) tokens that share its window of the grid padded to
-    multiples of w and cyclically shifted by `shift`, and its region of the shift; the logit of
-    a pair gets the relative position bias of its offset. Then the heads are joined and
-    projected. x (B, H*W, C)."""
+    softmax, to the real tokens that share its window of the grid padded to multiples of w and
+    cyclically shifted by `shift` (padding tokens are not in the computation: exactly zero
+    weight); the logit of a pair gets the relative position bias of its offset, and -100 (the
+    official shift mask) when the two lie in different regions of the shift. Then the heads are
+    joined and projected. x (B, H*W, C)."""
     B, N, C = x.shape
     h = attn.num_heads
     d = C // h
@@ -284,8 +285,11 @@ def reference_window_attention(attn, x, H, W, w, shift):
             return torch.zeros_like(pos)
         return (pos >= size - w).long() + (pos >= size - shift).long()
 
-    key = torch.stack([a // w, b // w, region(a, Hp), region(b, Wp)], dim=1)       # (N, 4)
-    allowed = (key[:, None, :] == key[None, :, :]).all(-1)                         # (N, N)
+    window = torch.stack([a // w, b // w], dim=1)                                  # (N, 2)
+    same_window = (window[:, None, :] == window[None, :, :]).all(-1)               # (N, N)
+    regions = torch.stack([region(a, Hp), region(b, Wp)], dim=1)
+    same_region = (regions[:, None, :] == regions[None, :, :]).all(-1)
+    allowed = same_window & same_region
     # the same pairs, said in the image's own coordinates: windows cut at shift + k * w
     cells = torch.stack([torch.div(i - shift, w, rounding_mode="floor"),
                          torch.div(j - shift, w, rounding_mode="floor")], dim=1)
@@ -297,8 +301,8 @@ def reference_window_attention(attn, x, H, W, w, shift):
 
     q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(C, dim=-1)
     q, k, v = (t.reshape(B, N, h, d).transpose(1, 2) for t in (q, k, v))          # (B, h, N, d)
-    logits = q @ k.transpose(-2, -1) / math.sqrt(d) + bias
-    weights = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(d) + bias - 100. * ~same_region
+    weights = logits.masked_fill(~same_window, float("-inf")).softmax(dim=-1)
     out = (weights @ v).transpose(1, 2).reshape(B, N, C)
     return out @ attn.proj.weight.T + attn.proj.bias
 
@@ -333,6 +337,51 @@ def test_window_attention_equals_reference(H, W, window, shifted):
        shifted=st.booleans(), heads=st.integers(1, 2), seed=st.integers(0, 2 ** 16))
 def test_window_attention_equals_reference_property(H, W, window, shifted, heads, seed):
     check_window_block(H, W, window, shifted, heads, seed)
+
+
+PADDED = [(5, 9, 4, True), (5, 9, 4, False), (10, 13, 7, True), (9, 6, 4, True), (3, 2, 7, False)]
+
+
+@pytest.mark.parametrize("H,W,window,shifted", PADDED,
+                         ids=[f"{h}x{w}-window{s}-{'shifted' if t else 'regular'}"
+                              for h, w, s, t in PADDED])
+def test_padded_keys_get_exactly_zero_weight(H, W, window, shifted):
+    """Logits of -1000 and below between real tokens and 0 for the padding keys (zeros: k = 0):
+    a finite padding mask such as Swin's -100 would give the padding nearly all the weight. The
+    window attention equals the per-token reference, which has no padding tokens at all, and its
+    gradient is finite (no row of the mask is all -inf)."""
+    blk = make_window_block(8, 2, window, shifted, seed=H * 100 + W)
+    C = 8
+    with torch.no_grad():
+        blk.attn.qkv.weight[:C].zero_()                         # q = 10 in every channel
+        blk.attn.qkv.bias[:C].fill_(10.)
+        blk.attn.qkv.weight[C:2 * C].fill_(-10.)                # k = -10 sum(x) in every channel
+        blk.attn.qkv.bias[C:2 * C].zero_()
+    x = (0.5 + torch.rand(2, H * W, C, generator=torch.Generator().manual_seed(H * W),
+                          dtype=torch.float64)).requires_grad_()     # sum(x) > 0: logits << 0
+    shift = window // 2 if shifted and min(H, W) > window else 0
+    case = f"[grid {H}x{W} window {window} shift {shift}, logits <= -1000, dim 8, seed={H * W}]"
+    out = blk._window_attention(x, H, W)
+    with torch.no_grad():
+        expected = reference_window_attention(blk.attn, x, H, W, window, shift)
+    assert_close(out, expected, f"{case} window attention vs per-token reference", rtol=1e-10,
+                 atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all(), f"{case}: the gradient is not finite"
+
+
+def test_no_row_of_a_window_mask_is_all_minus_infinity():
+    """-inf for padding keys never leaves a query (real or padding) without a key: every window
+    holds a real token, so no softmax row is 0/0."""
+    for H in range(1, 13):
+        for W in range(1, 13):
+            for w in range(2, 6):
+                Hp, Wp = math.ceil(H / w) * w, math.ceil(W / w) * w
+                for shift in {0, w // 2 if min(H, W) > w else 0}:
+                    mask = fl._window_mask(Hp, Wp, H, W, w, shift, "cpu")
+                    rows = torch.isfinite(mask).any(-1)
+                    assert rows.all(), f"[grid {H}x{W} window {w} shift {shift}] " \
+                        f"{int((~rows).sum())} rows of the mask are all -inf"
 
 
 def test_masks_are_cached_per_grid_size(monkeypatch):
