@@ -19,6 +19,7 @@ from common import (
     DATA,
     RTOL,
     assert_close,
+    check_odd_size,
     fast_path,
     load_fixture,
     official_micro,
@@ -252,6 +253,49 @@ def test_construction_size_uses_the_encodings_as_they_are():
     assert torch.equal(before, after), \
         f"[embed 16, 1x3x224x224 seed=5] set_input_size(224) changed the logits by " \
         f"{(before - after).abs().max().item():.3g}"
+
+
+def test_odd_sizes_every_grid_is_ceil_in_init_and_set_input_size():
+    """230 x 94: patch 4 gives 57 x 23 (floor((230 - 4) / 4) + 1, not ceil), then 29 x 12 (an
+    odd side beside an even one), 15 x 6, 8 x 3: ceil at every merge. Every stage linear
+    ('LLLL'), so that each stage's position tables show its construction grid."""
+    check_odd_size("flatten_swin_tiny", (230, 94), [(57, 23), (29, 12), (15, 6), (8, 3)],
+                   lambda m: [[b.attn for b in stage.blocks] for stage in m.layers],
+                   attn_type="LLLL", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                   num_classes=5)
+
+
+MERGE_GRIDS = [(5, 8), (7, 7), (4, 9), (1, 1), (1, 6), (6, 4)]
+
+
+@pytest.mark.parametrize("H,W", MERGE_GRIDS, ids=[f"{h}x{w}" for h, w in MERGE_GRIDS])
+def test_patch_merging_gives_ceil_and_pads_with_zeros(H, W):
+    """Output token (i, j) of a ceil(H/2) x ceil(W/2) grid concatenates the input tokens (2i, 2j),
+    (2i+1, 2j), (2i, 2j+1), (2i+1, 2j+1) (the official order), zeros past the grid; then the
+    LayerNorm and the reduction. Exactly: the same numbers in the same order."""
+    merge = randomize(fl.PatchMerging(4), seed=H * W)
+    x = seeded(2, H * W, 4, seed=H * W)
+    case = f"[PatchMerging(4), grid {H}x{W}, seed={H * W}]"
+    with torch.no_grad():
+        out, h, w = merge(x, H, W)
+        grid = x.reshape(2, H, W, 4)
+
+        def at(i, j):
+            return grid[:, i, j] if i < H and j < W else torch.zeros(2, 4)
+
+        rows = [torch.cat([at(2 * i, 2 * j), at(2 * i + 1, 2 * j), at(2 * i, 2 * j + 1),
+                           at(2 * i + 1, 2 * j + 1)], dim=-1) for i in range(h) for j in range(w)]
+        expected = merge.reduction(merge.norm(torch.stack(rows, dim=1)))
+    assert (h, w) == (math.ceil(H / 2), math.ceil(W / 2)), f"{case}: grid {h}x{w}"
+    assert torch.equal(out, expected), \
+        f"{case}: max |diff| {(out - expected).abs().max().item():.3g} from the reference"
+
+
+@pytest.mark.parametrize("value", [0, -7, 2.5, True])
+def test_window_size_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match=r"window_size must be a positive int") as err:
+        fl.create_model("flatten_swin_tiny", window_size=value, depths=(1, 1, 1, 1))
+    assert repr(value) in str(err.value), f"[flatten_swin_tiny window_size={value!r}]: {err.value}"
 
 
 # -----------------------------------------------------------------------------
