@@ -184,6 +184,27 @@ def test_set_fast_path_and_the_environment_variable():
     assert run.stdout.strip() == "auto", f"FLATTEN_FAST_PATH=' ': {run.stdout} {run.stderr[-2000:]}"
 
 
+def test_fast_path_restores_the_mode_before_it(monkeypatch):
+    """`with fast_path(mode)` gives back the mode set before it (not "auto"), also when the
+    block raises, and nested blocks unwind one by one."""
+    monkeypatch.setattr(fl, "_fast_path_mode", "torch")
+    with fl.fast_path("off"):
+        assert fl.get_fast_path() == "off", "[torch, then fast_path('off')] inside"
+        with fl.fast_path("auto"):
+            assert fl.get_fast_path() == "auto", "[torch, off, then fast_path('auto')] inside"
+        assert fl.get_fast_path() == "off", "[torch, off, auto] after the inner block"
+    assert fl.get_fast_path() == "torch", f"[torch, fast_path('off')] after: {fl.get_fast_path()}"
+    with pytest.raises(KeyError):
+        with fl.fast_path("off"):
+            raise KeyError("inside")
+    assert fl.get_fast_path() == "torch", \
+        f"[torch, fast_path('off') left by an exception] after: {fl.get_fast_path()}"
+    with pytest.raises(ValueError, match="auto, torch, off"):
+        with fl.fast_path("fastest"):
+            pass
+    assert fl.get_fast_path() == "torch", f"[torch, fast_path('fastest')]: {fl.get_fast_path()}"
+
+
 @pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
 def test_torch_func_transforms_take_the_reference(transform):
     """Inside torch.func transforms the fast paths' autograd Functions and out= ops do not work
