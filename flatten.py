@@ -797,7 +797,8 @@ class PVTConfig:
     """A PVT (version 1) or PVTv2 (version 2) backbone; per-stage tuples have 4 entries.
 
     attn_type has one letter per stage: 'L' focused linear attention, 'S' softmax. Softmax stages
-    use sr_ratios, focused linear ones la_sr_ratios (the FLatten models: all 1).
+    use sr_ratios, focused linear ones la_sr_ratios (the FLatten models: all 1). depths are ints
+    >= 0 (a stage of 0 blocks is its patch embedding alone), mlp_ratios finite numbers > 0.
     """
     version: int = 1
     img_size: Union[int, Tuple[int, int]] = 224
@@ -936,7 +937,11 @@ class PyramidVisionTransformer(_Pyramid):
 
 @dataclass(frozen=True)
 class DeiTConfig:
-    """A DeiT (ViT with a class token) with focused linear ('L') or softmax ('S') attention."""
+    """A DeiT (ViT with a class token) with focused linear ('L') or softmax ('S') attention.
+
+    depth is an int >= 0 (0: the patch embedding, class token and final norm alone), mlp_ratio a
+    finite number > 0.
+    """
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -1190,7 +1195,8 @@ class SwinConfig:
 
     window_size is the window of the softmax stages (timm's meaning: 7, or 12 for FLatten-Swin-B
     at 384). The official configs name the linear stages' window instead (56 / 96), which at the
-    trained size is the whole stage: here the linear stages are global at every size.
+    trained size is the whole stage: here the linear stages are global at every size. depths
+    are ints >= 0 (a stage of 0 blocks is its PatchMerging alone), mlp_ratio a finite number > 0.
     """
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 4
@@ -1462,7 +1468,8 @@ class CSwinConfig:
     split_size is the stripe width of the softmax stages 1-3 (CSWin's 1, 2, 7; 12 in stage 3 of
     FLatten-CSwin-B at 384). Stage 4 and the linear stages attend over the whole grid at every
     size (the released configs' la_split_size '56-28-14-7' is the whole grid at 224), so their
-    entries are unused.
+    entries are unused. depths are ints >= 0 (a stage of 0 blocks is its merge alone), mlp_ratio
+    a finite number > 0.
     """
     img_size: Union[int, Tuple[int, int]] = 224
     in_chans: int = 3
