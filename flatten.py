@@ -696,7 +696,7 @@ def _init_weights(m: nn.Module) -> None:
 
 def _check_image(x: torch.Tensor, model: nn.Module, min_hw: Tuple[int, int]) -> None:
     """x must be floating-point images (B, in_chans, H, W) of at least min_hw pixels, in the
-    model's dtype (or under autocast, which casts them)."""
+    model's dtype (or under autocast, which casts them unless they or the weights are float64)."""
     name, in_chans = type(model).__name__, model.cfg.in_chans
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} expects images (B, {in_chans}, H, W), got "
@@ -710,10 +710,12 @@ def _check_image(x: torch.Tensor, model: nn.Module, min_hw: Tuple[int, int]) -> 
     if not x.is_floating_point():
         raise ValueError(f"{name} expects floating-point images, got {x.dtype}")
     weight = next(model.parameters())
-    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+    f64 = torch.float64 in (x.dtype, weight.dtype)
+    if x.dtype != weight.dtype and (f64 or not _autocast_enabled(x.device.type)):
         raise ValueError(f"{name} has {weight.dtype} weights but the images are {x.dtype}: "
-                         f"cast one to the other (model.to({x.dtype}) or x.to({weight.dtype})), "
-                         "or run under torch.autocast")
+                         f"cast one to the other (model.to({x.dtype}) or x.to({weight.dtype}))"
+                         + (" (torch.autocast does not cast float64)" if f64 else
+                            ", or run under torch.autocast"))
 
 
 class _Classifier(nn.Module):

@@ -521,6 +521,30 @@ def test_rates_inside_0_1_train(name):
         f"[{name} attn_drop_rate=0.5 drop_path_rate=0.99, input 2x3x64x64 seed=3]: {out}"
 
 
+@pytest.mark.parametrize("name", list(ZERO_BLOCKS))
+def test_under_autocast_an_image_of_another_dtype_is_accepted(name):
+    """float32 weights under torch.autocast (CPU, bfloat16): bfloat16 and float16 images run, and
+    exactly as the same values in float32 (autocast casts every one of them for the first
+    convolution). Autocast casts no float64 tensor: float64 images, or weights, get a ValueError
+    that says so (not torch's dtype error from inside the convolution)."""
+    field, one, _, _, widths = ZERO_BLOCKS[name]
+    m = fl.create_model(name, **{field: one}, num_classes=3, **widths).eval()
+    for dtype in (torch.bfloat16, torch.float16):
+        x = seeded(1, 3, 64, 64, seed=10).to(dtype)
+        case = f"[{name} float32 weights, {dtype} image 1x3x64x64 seed=10, autocast bfloat16]"
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = m(x), m(x.float())
+        assert torch.equal(out, expected), \
+            f"{case}: max |diff| {(out - expected).float().abs().max().item():.3g} from the " \
+            "float32 image"
+    for weights, images in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        m.to(weights)
+        with pytest.raises(ValueError, match=rf"{weights} weights but the images are {images}.*"
+                                             r"autocast does not cast float64"), \
+                torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(seeded(1, 3, 64, 64, seed=10).to(images))
+
+
 # -----------------------------------------------------------------------------
 # Precision
 
