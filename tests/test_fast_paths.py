@@ -335,6 +335,32 @@ def test_reference_gradgradcheck_on_a_tiny_layer():
 # The training path
 
 
+@pytest.mark.parametrize("p", [3.0, 2.0, 1.0, 0.5])
+def test_focus_backward_on_dead_tokens_without_offset(p):
+    """_Focus.backward's branch for a token that ReLU zeroes entirely (||y|| = 0) is reached with
+    offset 0 only (the layers' offset 1e-6 keeps every y > 0): phi_p is 0 all around such a token,
+    so its gradient is exactly 0 (without the branch it is NaN: 0 / 0 of the norms), and every
+    gradient equals autograd through focus(offset=0)."""
+    g = torch.Generator().manual_seed(int(p * 10))
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    dead = torch.tensor([False, True, False, False, True])
+    x[dead] = -x[dead].abs()
+    s = 0.5 + torch.rand(6, generator=g, dtype=torch.float64)
+    up = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    case = f"[_Focus.apply, p={p}, offset 0, tokens 1 and 4 all <= 0, seed={int(p * 10)}]"
+    results = []
+    for fn in (lambda t, sc: fl._Focus.apply(t, sc, p, 0.0),
+               lambda t, sc: fl.focus(t, p, sc, offset=0)):
+        xs, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+        out = fn(xs, ss)
+        results.append((out, *torch.autograd.grad(out, (xs, ss), up)))
+    (out, gx, gs), (ref, rx, rs) = results
+    assert torch.isfinite(gx).all() and torch.isfinite(gs).all(), f"{case}: gradients not finite"
+    assert torch.equal(gx[dead], torch.zeros_like(gx[dead])), f"{case}: dead tokens' gradient"
+    for what, a, b in (("phi", out, ref), ("d/dx", gx, rx), ("d/dscale", gs, rs)):
+        assert_close(a, b, f"{case} {what} vs autograd through focus", rtol=1e-10, atol=1e-12)
+
+
 def test_training_path_under_autocast():
     """loss.backward() inside torch.autocast: the hand-written backward passes compute in float32
     as they chose, not in the autocast dtype; the gradients equal the reference's under the
