@@ -445,21 +445,21 @@ PADDED_STRIPES = [(7, 9, 4), (13, 17, 2), (4, 6, 4), (5, 3, 2)]
 @pytest.mark.parametrize("H,W,split", PADDED_STRIPES,
                          ids=[f"{h}x{w}-split{s}" for h, w, s in PADDED_STRIPES])
 def test_padded_keys_get_exactly_zero_weight_in_stripes(H, W, split):
-    """Logits of -1000 and below between real tokens and 0 for the padding keys (zeros: k = 0):
-    a finite padding mask such as -100 would give the padding nearly all the weight. The block
-    (norm1 left out, so that the tokens stay positive) equals the unpadded reference, and its
-    gradient is finite (no softmax row without a key)."""
+    """Logits of -1e5 and below between real tokens and 0 for the padding keys (zeros: k = 0):
+    a finite padding mask such as -100 (or -1e4) would give the padding nearly all the weight.
+    The block (norm1 left out, so that the tokens stay positive) equals the unpadded reference,
+    and its gradient is finite (no softmax row without a key)."""
     blk = stripe_block(8, 2, split, seed=H * 100 + W)
     blk.norm1 = torch.nn.Identity()
     C = 8
     with torch.no_grad():
-        blk.qkv.weight[:C].zero_()                              # q = 10 in every channel
-        blk.qkv.bias[:C].fill_(10.)
-        blk.qkv.weight[C:2 * C].fill_(-10.)                     # k = -10 sum(x) in every channel
+        blk.qkv.weight[:C].zero_()                              # q = 100 in every channel
+        blk.qkv.bias[:C].fill_(100.)
+        blk.qkv.weight[C:2 * C].fill_(-100.)                    # k = -100 sum(x) in every channel
         blk.qkv.bias[C:2 * C].zero_()
     x = (0.5 + torch.rand(2, H * W, C, generator=torch.Generator().manual_seed(H * W),
                           dtype=torch.float64)).requires_grad_()     # sum(x) > 0: logits << 0
-    case = f"[grid {H}x{W} split {split}, logits <= -1000, dim 8, seed={H * W}]"
+    case = f"[grid {H}x{W} split {split}, logits <= -1e5, dim 8, seed={H * W}]"
     out = blk(x, H, W)
     with torch.no_grad():
         expected = reference_stripe_block(blk, x, H, W, split)

@@ -390,21 +390,22 @@ PADDED = [(5, 9, 4, True), (5, 9, 4, False), (10, 13, 7, True), (9, 6, 4, True),
                          ids=[f"{h}x{w}-window{s}-{'shifted' if t else 'regular'}"
                               for h, w, s, t in PADDED])
 def test_padded_keys_get_exactly_zero_weight(H, W, window, shifted):
-    """Logits of -1000 and below between real tokens and 0 for the padding keys (zeros: k = 0):
-    a finite padding mask such as Swin's -100 would give the padding nearly all the weight. The
+    """Logits of -1e5 and below between real tokens and 0 for the padding keys (zeros: k = 0):
+    a finite padding mask such as Swin's -100 (or -1e4) would give the padding nearly all the
+    weight. The
     window attention equals the per-token reference, which has no padding tokens at all, and its
     gradient is finite (no row of the mask is all -inf)."""
     blk = make_window_block(8, 2, window, shifted, seed=H * 100 + W)
     C = 8
     with torch.no_grad():
-        blk.attn.qkv.weight[:C].zero_()                         # q = 10 in every channel
-        blk.attn.qkv.bias[:C].fill_(10.)
-        blk.attn.qkv.weight[C:2 * C].fill_(-10.)                # k = -10 sum(x) in every channel
+        blk.attn.qkv.weight[:C].zero_()                         # q = 100 in every channel
+        blk.attn.qkv.bias[:C].fill_(100.)
+        blk.attn.qkv.weight[C:2 * C].fill_(-100.)               # k = -100 sum(x) in every channel
         blk.attn.qkv.bias[C:2 * C].zero_()
     x = (0.5 + torch.rand(2, H * W, C, generator=torch.Generator().manual_seed(H * W),
                           dtype=torch.float64)).requires_grad_()     # sum(x) > 0: logits << 0
     shift = window // 2 if shifted and min(H, W) > window else 0
-    case = f"[grid {H}x{W} window {window} shift {shift}, logits <= -1000, dim 8, seed={H * W}]"
+    case = f"[grid {H}x{W} window {window} shift {shift}, logits <= -1e5, dim 8, seed={H * W}]"
     out = blk._window_attention(x, H, W)
     with torch.no_grad():
         expected = reference_window_attention(blk.attn, x, H, W, window, shift)
