@@ -81,14 +81,26 @@ METHOD_HELP = {  # --help: what each layer method runs
                 "with ours' weights",
     "official": "the official code's formulation (flatten.official_forward), with ours' weights",
     "vanilla": "vanilla linear attention: ReLU kernel, no focusing, no DWC",
-    "l2vit": "L^2ViT's linear attention with its local concentration module (LCM)"}
+    "l2vit": "L^2ViT's linear attention with its local concentration module (LCM)",
+    "l2vit-official": "L^2ViT's official formulation of l2vit, op by op "
+                      "(bench.l2vit_official_forward), with l2vit's weights"}
 METHODS = {"sdpa": "softmax, SDPA", "explicit": "softmax, explicit NxN",
            "ours": "focused linear (ours)", "ours-torch": "focused linear (ours), no Triton",
            "reference": "focused linear (ours), reference forward",
            "baseline": "focused linear, baseline", "official": "focused linear, official",
-           "vanilla": "vanilla linear", "l2vit": "L2ViT linear + LCM"}
+           "vanilla": "vanilla linear", "l2vit": "L2ViT linear + LCM",
+           "l2vit-official": "L2ViT linear + LCM, official"}
 FLATTEN_METHODS = ("ours", "ours-torch", "reference", "baseline", "official")
 FAST_PATH = {"ours-torch": "torch", "reference": "off"}  # flatten.set_fast_path during calls
+L2VIT_METHODS = ("l2vit", "l2vit-official")
+# the official formulation each layer method is compared with ("vs official"): its own for
+# L2ViT's attention, FLatten's for the others
+OFFICIAL_OF = dict.fromkeys(L2VIT_METHODS, "l2vit-official")
+# "vs softmax" in the models table: flatten_X against X, and these pairs. L2ViT-T has Swin-T's
+# widths, depths, heads and window 7 (28.6M against 28.3M parameters, 4.69 against 4.49 GMACs):
+# its local blocks are Swin's windows without the shift, its global blocks linear attention
+# with the LCM where Swin shifts its windows.
+SOFTMAX_PAIRS = {"l2vit_tiny": "swin_tiny"}
 DEFAULT_MODELS = ("flatten_pvt_tiny", "pvt_tiny", "flatten_deit_tiny", "deit_tiny")
 MIN_RESOLUTION = 32  # the PVT models need one token in their last stage (stride 32)
 KERNEL_SIZE, LCM_KERNEL = 5, 7  # FocusedLinearAttention's DWC and L2ViT's LCM defaults
@@ -177,7 +189,7 @@ def build_layer(method: str, shape: LayerShape, grid: tuple[int, int], baseline=
         return fl.SoftmaxAttention(C, h, fused=method == "sdpa", **kw)
     if method == "vanilla":
         return fl.VanillaLinearAttention(C, h, **kw)
-    if method == "l2vit":
+    if method in L2VIT_METHODS:
         return fl.L2ViTLinearAttention(C, h, **kw)
     if method == "baseline":  # ours' weights, drawn first as for ours
         weights = build_layer("ours", shape, grid).state_dict()
@@ -187,6 +199,31 @@ def build_layer(method: str, shape: LayerShape, grid: tuple[int, int], baseline=
     if method in FLATTEN_METHODS:
         return fl.FocusedLinearAttention(C, G, h, grid_size=grid, **kw)
     raise ValueError(f"unknown method {method!r}")
+
+
+def l2vit_official_forward(layer: fl.L2ViTLinearAttention, x: torch.Tensor, H: int,
+                           W: int) -> torch.Tensor:
+    """The l2vit layer's function in the official L^2ViT code's formulation, op by op and layout
+    by layout (classification/models/l2vit.py at fad0341: LinearAttention.forward, then the LCM
+    on norm3's output), on the layer's own weights: q, k and v as strided views of one qkv
+    output, the denominator as q @ (the keys' sum) clamped at 100, the temperature on K^T V,
+    the LCM's image a contiguous (B, C, H, W) copy of the tokens. Class tokens as in the layer.
+    The baseline of the l2vit row's "vs official"."""
+    attn, lcm, P = layer.attn, layer.lcm, layer.num_prefix_tokens
+    B, N, C = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = F.relu(q)
+    k = F.relu(k)
+    denom = torch.clamp(q @ k.transpose(-2, -1).sum(dim=-1, keepdim=True), 1e2)
+    a = (k.transpose(-2, -1) @ v) * attn.temperature
+    a = (q @ a) / denom
+    a = attn.proj(a.transpose(1, 2).reshape(B, N, C))
+    t = layer.lcm_norm(x[:, P:] + a[:, P:])
+    t = t.transpose(-1, -2).contiguous().view(B, C, H, W)
+    t = lcm.conv2(lcm.bn(lcm.act(lcm.conv1(t))))
+    t = t.flatten(2).transpose(-1, -2)
+    return torch.cat([a[:, :P], a[:, P:] + t], dim=1) if P else a + t
 
 
 def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int, seed: int,
@@ -205,6 +242,8 @@ def layer_calls(method: str, shape: LayerShape, grid, device, dtype, batch: int,
     def forward(t):
         if method == "official":
             return fl.official_forward(layer, t, H, W)
+        if method == "l2vit-official":
+            return l2vit_official_forward(layer, t, H, W)
         with fl.fast_path(mode) if mode else contextlib.nullcontext():
             return layer(t, H, W)
 
@@ -249,8 +288,9 @@ def compare_to_official(shape: LayerShape, grid, device, dtype, batch: int,
 
 def first_attention_tokens(model: nn.Module, resolution: int) -> int | None:
     """Tokens of a model's first attention stage: its patch embedding's grid, class tokens."""
-    for name in ("patch_embed", "patch_embed1", "stage1_conv_embed"):
-        embed = getattr(model, name, None)
+    modules = dict(model.named_modules())
+    for name in ("patch_embed", "patch_embed1", "stage1_conv_embed", "downsample_layers.0"):
+        embed = modules.get(name)
         if hasattr(embed, "out_size"):
             h, w = embed.out_size(resolution, resolution)
             return h * w + int(getattr(model, "num_prefix_tokens", 0) or 0)
@@ -455,12 +495,12 @@ def layer_macs(method: str, batch: int, tokens: int, dim: int, heads: int, grid_
     macs = 4 * B * N * C * C                # q (C -> C), kv (C -> 2C), proj (C -> C)
     if method in ("sdpa", "explicit"):
         return macs + 2 * B * N * N * C     # Q K^T and A V: N x N x d per head
-    if method not in (*FLATTEN_METHODS, "vanilla", "l2vit"):
+    if method not in (*FLATTEN_METHODS, "vanilla", *L2VIT_METHODS):
         raise ValueError(f"unknown method {method!r}")
     macs += 2 * B * N * C * d + B * N * C   # K^T V and Q (K^T V): N d^2 per head; Q . sum_j K_j
     if method in FLATTEN_METHODS:
         macs += B * C * G * KERNEL_SIZE ** 2        # depthwise conv on v
-    elif method == "l2vit":
+    elif method in L2VIT_METHODS:
         macs += 2 * B * C * G * LCM_KERNEL ** 2     # the LCM's two depthwise convs
     return macs
 
@@ -716,14 +756,20 @@ def _fmt_s(s: float) -> str:
 # 3. How to render
 
 
+def softmax_pair(model: str) -> str | None:
+    """The softmax model a model's row is compared with: X for flatten_X, SOFTMAX_PAIRS."""
+    return model[len("flatten_"):] if model.startswith("flatten_") else SOFTMAX_PAIRS.get(model)
+
+
 def ratios(rows: dict[Case, Row], row: Row) -> dict[str, tuple[float | None, bool]]:
     """Speed-ups of a row against SDPA and official, or flatten_X against X: (value, noisy)."""
     c = row.case
     if c.section == "layers":
-        refs = {ref: rows.get(Case("layers", c.group, ref, c.resolution))
-                for ref in ("sdpa", "official")}
+        refs = {ref: rows.get(Case("layers", c.group, name, c.resolution))
+                for ref, name in (("sdpa", "sdpa"),
+                                  ("official", OFFICIAL_OF.get(c.name, "official")))}
     else:
-        other = c.name[len("flatten_"):] if c.name.startswith("flatten_") else None
+        other = softmax_pair(c.name)
         refs = {"softmax": rows.get(Case("models", other, other, c.resolution))}
     out = {}
     for (ref, peer), mode in itertools.product(refs.items(), c.modes):
@@ -884,7 +930,7 @@ def render(rows: dict[Case, Row], facts: dict, tablefmt: str = "github",
                 "-" if row.macs is None else f"{row.macs / 1e9:.3f}", _cell_text(fwd),
                 _num(B / fwd.median_s) if fwd.ok else "-", _cell_text(train), _mem_text(fwd),
                 _mem_text(train), _pair(ratios(rows, row), "softmax", MODEL_MODES)
-                if row.case.name.startswith("flatten_") else ""])
+                if softmax_pair(row.case.name) else ""])
         out += [f"Whole models, batch {B} (N: tokens of the first attention stage)",
                 tabulate(table, MODEL_HEADERS, tablefmt=tablefmt, disable_numparse=True),
                 *_notes(sel), ""]

@@ -9,8 +9,8 @@ torch and the Python standard library only: copy this file into your project. To
   2. comparators: softmax, vanilla linear and L2ViT attention, and official_forward (the
      official code's formulation, op by op);
   3. the backbones: FLatten-PVT, FLatten-PVTv2, FLatten-DeiT, FLatten-Swin and FLatten-CSwin
-     with their softmax counterparts; create_model and list_models;
-  4. checkpoint loading (load_pretrained) of the released official files;
+     with their softmax counterparts, and L2ViT; create_model and list_models;
+  4. checkpoint loading (load_pretrained) of the released official files (FLatten, L2ViT);
   5. fast paths (optional reading): faster ways to the same function, behind one switch
      (set_fast_path), tested equal to the reference. Section 1 with its helpers stands alone
      (the whole method), and section 5 can be deleted: forward is then the reference.
@@ -474,45 +474,82 @@ class VanillaLinearAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
-class L2ViTLinearAttention(nn.Module):
-    """L^2ViT's global linear attention followed by its Local Concentration Module (LCM).
+class L2ViTAttention(nn.Module):
+    """L^2ViT's global linear attention, with the official keys (temperature, qkv, proj).
 
-    Attention, per head: a_i = q_i (K^T V * t) / max(q_i . sum_j k_j, 100), ReLU kernel on q and
-    k, t a learnable per-head temperature initialised to d^-1/2, then proj. The LCM (depthwise
-    7x7 conv, GELU, BatchNorm, depthwise 7x7 conv over the patch-token grid) is its own pre-norm
-    residual branch after the attention. forward(x, H, W) returns the sum of both branches'
-    updates, a + LCM(LN(x + a)), so that x + forward(x) is L^2ViT's x + a, then + LCM(LN(.)).
-    Class tokens (num_prefix_tokens) take part in the attention but not in the LCM.
+    forward(x): x (B, N, C) -> (B, N, C), over all N tokens; per head, with ReLU on q and k,
+
+        a_i = q_i (K^T V * t) / max(q_i . sum_j k_j, 100)
+
+    a sum over the keys (not a mean) and an absolute clamp at 100 (no epsilon); t the head's
+    learnable temperature, (h, 1, 1) initialised to d^-1/2, which scales the head's output and
+    not its denominator. Half-precision inputs compute in float32 (the sums overflow float16).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False):
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.dim, self.num_heads = dim, num_heads
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), (dim // num_heads) ** -.5))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        dt = _compute_dtype(x)
+        with _autocast_off(x.device.type):
+            q, k, v = F.relu(qkv[0].to(dt)), F.relu(qkv[1].to(dt)), qkv[2].to(dt)  # (B, h, N, d)
+            kv = (k.transpose(-2, -1) @ v) * self.temperature.to(dt)               # (B, h, d, d)
+            z = (q @ k.sum(dim=-2).unsqueeze(-1)).clamp_min(100.)                  # (B, h, N, 1)
+            out = ((q @ kv) / z).to(x.dtype)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class LCM(nn.Module):
+    """L^2ViT's Local Concentration Module on an image (B, C, H, W) -> (B, C, H, W): depthwise
+    k x k conv, GELU, BatchNorm, depthwise k x k conv, zero padding (the official keys conv1,
+    bn, conv2)."""
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"the LCM kernel_size must be an odd positive int, "
+                             f"got {kernel_size!r}")
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=pad, groups=dim)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=pad, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.bn(self.act(self.conv1(x))))
+
+
+class L2ViTLinearAttention(nn.Module):
+    """L^2ViT's global linear attention followed by its Local Concentration Module (LCM), as one
+    layer with forward(x, H, W) like the others: the global block of the L2ViT models in section
+    3 without its CPE and MLP.
+
+    attn (L2ViTAttention) runs on x; the LCM is its own pre-norm residual branch after it, on the
+    patch tokens as an H x W image. forward returns the sum of both branches' updates,
+    a + LCM(LN(x + a)), so that x + forward(x) is L^2ViT's x + a, then + LCM(LN(.)). Class
+    tokens (num_prefix_tokens) take part in the attention but not in the LCM.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, lcm_kernel: int = 7,
                  *, num_prefix_tokens: int = 0):
         super().__init__()
-        _check_heads(dim, num_heads)
-        self.dim, self.num_heads, self.num_prefix_tokens = dim, num_heads, num_prefix_tokens
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.temperature = nn.Parameter(torch.full((1, num_heads, 1, 1), (dim // num_heads) ** -.5))
+        self.dim, self.num_prefix_tokens = dim, num_prefix_tokens
+        self.attn = L2ViTAttention(dim, num_heads, qkv_bias)
         self.lcm_norm = nn.LayerNorm(dim)
-        pad = lcm_kernel // 2
-        self.lcm = nn.Sequential(
-            nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim), nn.GELU(),
-            nn.BatchNorm2d(dim), nn.Conv2d(dim, dim, lcm_kernel, padding=pad, groups=dim))
+        self.lcm = LCM(dim, lcm_kernel)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         P = self.num_prefix_tokens
         _check_tokens(x, H, W, P, self.dim)
-        B, N, C = x.shape
-        k, v = self.kv(x).chunk(2, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-                   for t in (self.q(x), k, v))
-        q, k = F.relu(q), F.relu(k)
-        kv = (k.transpose(-2, -1) @ v) * self.temperature                         # (B, h, d, d)
-        z = (q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)).clamp_min(100.)  # (B, h, N, 1)
-        a = self.proj(((q @ kv) / z).transpose(1, 2).reshape(B, N, C))
-        grid = _image(self.lcm_norm(x[:, P:] + a[:, P:]), H, W)
-        lcm = _tokens(self.lcm(grid))
+        a = self.attn(x)
+        lcm = _tokens(self.lcm(_image(self.lcm_norm(x[:, P:] + a[:, P:]), H, W)))
         return torch.cat([a[:, :P], a[:, P:] + lcm], dim=1) if P else a + lcm
 
 
@@ -578,8 +615,8 @@ def official_forward(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W: 
 # 3. Backbones
 
 __all__ += ["PVTConfig", "PyramidVisionTransformer", "DeiTConfig", "VisionTransformer",
-            "SwinConfig", "SwinTransformer", "CSwinConfig", "CSwinTransformer", "MODELS",
-            "create_model", "list_models"]
+            "SwinConfig", "SwinTransformer", "CSwinConfig", "CSwinTransformer", "L2ViTConfig",
+            "L2ViT", "MODELS", "create_model", "list_models"]
 
 
 class DropPath(nn.Module):
@@ -767,14 +804,15 @@ class _Pyramid(_Classifier):
 
 
 def _check_config(cfg) -> None:
-    """The fields every backbone config shares, checked: focusing_factor, normalizer, the dropout
+    """The fields the backbone configs share, checked: focusing_factor, normalizer, the dropout
     rates (numbers in [0, 1): drop_path_rate 1 gives NaN logits in training, anything outside
     fails deep inside the first training forward), the block counts (ints >= 0) and the MLP
     ratios (numbers > 0)."""
-    _check_focusing_factor(cfg.focusing_factor)
-    _check_normalizer(cfg.normalizer)
+    if hasattr(cfg, "focusing_factor"):  # the FLatten families
+        _check_focusing_factor(cfg.focusing_factor)
+        _check_normalizer(cfg.normalizer)
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        r = getattr(cfg, name)
+        r = getattr(cfg, name, 0.)  # L2ViT has drop_path_rate alone
         if not _is_real(r) or not 0 <= r < 1:  # nan too
             raise ValueError(f"{name} must be a number in [0, 1), got {r!r}")
     depths = cfg.depths if hasattr(cfg, "depths") else (cfg.depth,)
@@ -1041,38 +1079,45 @@ class VisionTransformer(_Classifier):
 
 
 class WindowAttention(nn.Module):
-    """Swin's softmax attention in w x w windows, with a learned relative position bias.
+    """Swin's softmax attention in w x w windows, with a learned relative position bias (L^2ViT's
+    window blocks: relative_position_bias=False, none).
 
     forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 / -inf
     or None -> (B * windows, w * w, C). The official operations, in the official order.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
-                 attn_drop: float = 0., proj_drop: float = 0.):
+                 attn_drop: float = 0., proj_drop: float = 0., relative_position_bias: bool = True):
         super().__init__()
         _check_heads(dim, num_heads)
         self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
         self.scale = (dim // num_heads) ** -0.5
         w = window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
-        # index of the table for each (query, key) pair of a window: their offset (dy, dx)
-        yx = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
-        offset = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0) + (w - 1)    # (w*w, w*w, 2)
-        index = offset[..., 0] * (2 * w - 1) + offset[..., 1]
-        self.register_buffer("relative_position_index", index, persistent=False)
+        self.relative_position_bias_table = None
+        if relative_position_bias:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2,
+                                                                         num_heads))
+            # index of the table for each (query, key) pair of a window: their offset (dy, dx)
+            yx = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij"))
+            yx = yx.flatten(1)
+            offset = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0) + (w - 1)  # (w*w, w*w, 2)
+            index = offset[..., 0] * (2 * w - 1) + offset[..., 1]
+            self.register_buffer("relative_position_index", index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
+        if relative_position_bias:
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B_, h, N, d)
         attn = (q * self.scale) @ k.transpose(-2, -1)                     # (B_, h, N, N)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(B_ // nw, nw, h, N, N) + mask[None, :, None]
@@ -1565,12 +1610,210 @@ class CSwinTransformer(_Pyramid):
 
 
 # -----------------------------------------------------------------------------
+# L2ViT (Zheng, "The Linear Attention Resurrection in Vision Transformer", arXiv 2501.16182;
+# official code github.com/ChuanyangZheng/L2ViT). Every stage alternates a local window block
+# (LWA) and a global linear block (LGA: L2ViTAttention of section 2, then the LCM).
+
+
+class CPE(nn.Module):
+    """Conditional position encoding: x + 3 x 3 depthwise conv of the tokens as an H x W image.
+    (B, H*W, C) -> (B, H*W, C); the official key proj."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return x + _tokens(self.proj(_image(x, H, W)))
+
+
+class LWABlock(nn.Module):
+    """L^2ViT's local window block: s = cpe.0(x); x = s + attn(norm1(s)) in w x w windows (the
+    residual adds to the CPE's output); x = cpe.1(x); x + mlp(norm2(x)).
+
+    The windows are Swin's without shift, relative position bias or mask: norm1's output is
+    zero-padded to a multiple of w and the padding tokens stay in the softmax (keys and values
+    of a zero token: the qkv bias), as in the official code; a grid smaller than w is one
+    padded window."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, *,
+                 qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.window_size = window_size
+        self.cpe = nn.ModuleList([CPE(dim), CPE(dim)])
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias,
+                                    relative_position_bias=False)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, _, C = x.shape
+        w = self.window_size
+        s = self.cpe[0](x, H, W)
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        t = F.pad(self.norm1(s).view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))  # after norm1
+        t = _unwindows(self.attn(_windows(t, w, w)), w, w, B, Hp, Wp)[:, :H, :W]
+        x = self.cpe[1](s + self.drop_path(t.reshape(B, H * W, C)), H, W)
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class LGABlock(nn.Module):
+    """L^2ViT's global linear block: x = cpe.0(x); x + attn(norm1(x)) (L2ViTAttention over all
+    H*W tokens); x + LCM(norm3(x)) on the H x W image; x + mlp(norm2(x)). The official keys and
+    their order (norm3 and local_mp, the LCM, come last)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, qkv_bias: bool,
+                 drop_path: float):
+        super().__init__()
+        self.cpe = nn.ModuleList([CPE(dim)])
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = L2ViTAttention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm3 = nn.LayerNorm(dim)
+        self.local_mp = LCM(dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.cpe[0](x, H, W)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(_tokens(self.local_mp(_image(self.norm3(x), H, W))))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class L2ViTStem(nn.Module):
+    """downsample_layers.0: the image zero-padded right and bottom to a multiple of 4, then
+    proj.proj = Conv2d(3 x 3, stride 2) -> BatchNorm -> ReLU -> Conv2d(3 x 3, stride 2) ->
+    BatchNorm, the tokens, LayerNorm. (B, C_in, H, W) -> (B, ceil(H/4) * ceil(W/4), C), grid."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        # the official PatchEmbed holds a ConvStem that holds this Sequential: keys proj.proj.*
+        self.proj = nn.ModuleDict({"proj": nn.Sequential(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2),
+            nn.ReLU(), nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))})
+        self.norm = nn.LayerNorm(dim)
+
+    @staticmethod
+    def out_size(H: int, W: int) -> Tuple[int, int]:
+        return -(-H // 4), -(-W // 4)
+
+    def forward(self, x: torch.Tensor):
+        x = self.proj["proj"](F.pad(x, (0, -x.shape[3] % 4, 0, -x.shape[2] % 4)))
+        H, W = x.shape[-2:]
+        return self.norm(_tokens(x)), H, W
+
+
+class L2ViTDownsample(nn.Module):
+    """downsample_layers.1-3: LayerNorm on the tokens FIRST, then the image zero-padded right and
+    bottom by one where H or W is odd, then Conv2d(2 x 2, stride 2); no norm after.
+    (B, H*W, C) -> (B, ceil(H/2) * ceil(W/2), C_out), ceil(H/2), ceil(W/2). Keys proj, norm."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim_out, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int):
+        x = self.proj(F.pad(_image(self.norm(x), H, W), (0, W % 2, 0, H % 2)))
+        H, W = x.shape[-2:]
+        return _tokens(x), H, W
+
+
+@dataclass(frozen=True)
+class L2ViTConfig:
+    """An L^2ViT: four stages of dims / depths / num_heads, each alternating window blocks
+    (window_size: 7, or 12 for L2ViT-B at 384) and global linear blocks, the window block first.
+    The fields in the official constructor's order, then img_size: the size the weights were
+    trained at, on which nothing depends (no position tables): any H x W runs.
+    """
+    in_chans: int = 3
+    num_classes: int = 1000
+    mlp_ratios: Tuple[float, float, float, float] = (4., 4., 4., 4.)
+    depths: Tuple[int, int, int, int] = (2, 2, 6, 2)
+    num_heads: Tuple[int, int, int, int] = (3, 6, 12, 24)
+    dims: Tuple[int, int, int, int] = (96, 192, 384, 768)
+    drop_path_rate: float = 0.
+    window_size: int = 7
+    qkv_bias: bool = True
+    img_size: Union[int, Tuple[int, int]] = 224
+
+
+class L2ViT(_Pyramid):
+    """L^2ViT with the official state_dict keys (BatchNorm buffers included): an official file
+    loads as it is.
+
+    The conv stem (downsample_layers.0), stages.0-3 of LWABlock / LGABlock (stage i at stride
+    4 * 2^i), LayerNorm-first 2 x 2 downsampling between them (downsample_layers.1-3), a final
+    LayerNorm, the mean over tokens, head. Runs at any H x W: the stem and the downsampling pad
+    odd sizes with zeros, the window blocks pad their grid to a multiple of the window.
+    """
+
+    final_norm = True
+
+    def __init__(self, cfg: L2ViTConfig):
+        super().__init__()
+        for name in ("dims", "depths", "num_heads", "mlp_ratios"):
+            if len(getattr(cfg, name)) != 4:
+                raise ValueError(f"{name} needs 4 entries (one per stage), "
+                                 f"got {getattr(cfg, name)}")
+        if not all(_is_int(d) and d > 0 for d in cfg.dims) or cfg.dims[0] % 2:
+            raise ValueError(f"dims must be positive ints, the first even (the stem's first conv "
+                             f"has dims[0] / 2 channels), got {cfg.dims}")
+        if not _is_int(cfg.window_size) or cfg.window_size < 1:
+            raise ValueError(f"window_size must be a positive int, got {cfg.window_size!r}")
+        _check_config(cfg)
+        _to_2tuple(cfg.img_size, "img_size")
+        self.cfg = cfg
+        self.num_features = cfg.dims[-1]
+        self.downsample_layers = nn.ModuleList(
+            [L2ViTStem(cfg.in_chans, cfg.dims[0])]
+            + [L2ViTDownsample(cfg.dims[i - 1], cfg.dims[i]) for i in range(1, 4)])
+        # numbers on the CPU, also for a model built under torch.device("meta")
+        dpr = iter(torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist())
+        self.stages = nn.ModuleList([nn.ModuleList([
+            LWABlock(dim, h, cfg.window_size, r, qkv_bias=cfg.qkv_bias, drop_path=next(dpr))
+            if j % 2 == 0 else LGABlock(dim, h, r, qkv_bias=cfg.qkv_bias, drop_path=next(dpr))
+            for j in range(depth)])
+            for dim, depth, h, r in zip(cfg.dims, cfg.depths, cfg.num_heads, cfg.mlp_ratios)])
+        self.norm = nn.LayerNorm(self.num_features)
+        self._make_head(cfg.num_classes)
+        self.feature_info = [dict(num_chs=cfg.dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i in range(4)]
+        for m in self.modules():  # the official init; norms keep ones and zeros
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Records a new input size in cfg: no weight depends on it."""
+        _to_2tuple(img_size, "img_size")
+        self.cfg = replace(self.cfg, img_size=img_size)
+
+    def _stages(self, x: torch.Tensor):
+        """Yield each stage's output tokens (B, H*W, C_i), before the next downsampling, with
+        H, W."""
+        _check_image(x, self, (1, 1))
+        x, H, W = self.downsample_layers[0](x)
+        for i, stage in enumerate(self.stages):
+            if i:
+                x, H, W = self.downsample_layers[i](x, H, W)
+            for blk in stage:
+                x = blk(x, H, W)
+            yield x, H, W
+
+
+# -----------------------------------------------------------------------------
 # The models by name: create_model(name, **config overrides)
 
 _PVT_V2_B0 = dict(version=2, embed_dims=(32, 64, 160, 256))
 _PVT_V2 = dict(version=2)
 _SWIN_B = dict(embed_dim=128, num_heads=(4, 8, 16, 32))
 _CSWIN_B = dict(embed_dim=96, num_heads=(4, 8, 16, 32))
+_L2VIT_B = dict(dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
 MODELS: Dict[str, Tuple[type, dict]] = {
     "flatten_pvt_tiny": (PVTConfig, dict(depths=(2, 2, 2, 2))),
     "flatten_pvt_small": (PVTConfig, dict(depths=(3, 4, 6, 3))),
@@ -1616,9 +1859,15 @@ MODELS: Dict[str, Tuple[type, dict]] = {
     "cswin_tiny": (CSwinConfig, dict(depths=(1, 2, 21, 1), attn_type="SSSS")),
     "cswin_small": (CSwinConfig, dict(depths=(2, 4, 32, 2), attn_type="SSSS")),
     "cswin_base": (CSwinConfig, dict(_CSWIN_B, depths=(2, 4, 32, 2), attn_type="SSSS")),
+    # L2ViT-T / S / B / B at 384; the 22k pretrain is l2vit_base with num_classes=21841
+    "l2vit_tiny": (L2ViTConfig, dict(depths=(2, 2, 6, 2))),
+    "l2vit_small": (L2ViTConfig, dict(depths=(2, 2, 18, 2))),
+    "l2vit_base": (L2ViTConfig, dict(_L2VIT_B, depths=(2, 2, 18, 2))),
+    "l2vit_base_384": (L2ViTConfig, dict(_L2VIT_B, depths=(2, 2, 18, 2), img_size=384,
+                                         window_size=12)),
 }
 _FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
-             SwinConfig: SwinTransformer, CSwinConfig: CSwinTransformer}
+             SwinConfig: SwinTransformer, CSwinConfig: CSwinTransformer, L2ViTConfig: L2ViT}
 
 
 def list_models(pattern: str = "") -> List[str]:

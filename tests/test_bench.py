@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from common import assert_close
 from tabulate import tabulate_formats
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -155,7 +156,9 @@ def test_layer_ratios_are_time_ratios_of_the_same_run(tiny_run):
         for method, r in rows.items():
             for ref, mode in ((ref, mode) for ref in ("sdpa", "official")
                               for mode in ("fwd", "fwdbwd")):
-                want = rows[ref][mode]["median_ms"] / r[mode]["median_ms"]
+                # "vs official": the row's own official formulation (l2vit's: l2vit-official)
+                peer = bench.OFFICIAL_OF.get(method, ref) if ref == "official" else ref
+                want = rows[peer][mode]["median_ms"] / r[mode]["median_ms"]
                 assert r[f"vs_{ref}_{mode}"] == pytest.approx(want), f"{shape}/{method} {ref}"
                 assert r[f"vs_{ref}_{mode}_noisy"] is False, "one timed call: no IQR"
 
@@ -503,22 +506,74 @@ def test_first_attention_tokens_come_from_the_built_model():
     cswin = fl.create_model("flatten_cswin_tiny", img_size=64, depths=(1, 1, 1, 1),
                             num_classes=2)
     assert bench.first_attention_tokens(cswin, 64) == 16 * 16, "CSwin: 7x7 stride-4 stem"
+    l2vit = fl.create_model("l2vit_tiny", depths=(1, 1, 1, 1), num_classes=2)
+    assert bench.first_attention_tokens(l2vit, 66) == 17 * 17, "L2ViT: the stem pads to 4"
 
 
-def test_models_takes_the_cswin_pair_and_pairs_flatten_cswin_with_cswin():
+# L2ViT-T's softmax pair is Swin-T (its widths, depths, heads and window): SOFTMAX_PAIRS
+PAIRS = [("flatten_cswin_tiny", "cswin_tiny", dict(depths=(1, 1, 1, 1))),
+         ("l2vit_tiny", "swin_tiny", dict(depths=(1, 1, 1, 1), dims=(24, 48, 48, 96)))]
+
+
+@pytest.mark.parametrize("ours_name,softmax_name,small", PAIRS, ids=[p[0] for p in PAIRS])
+def test_models_takes_the_pair_and_pairs_it(ours_name, softmax_name, small):
     args = bench.parse_args(["--resolutions", "64", "--sections", "models", "--models",
-                             "flatten_cswin_tiny", "cswin_tiny"])
-    assert args.models == ["flatten_cswin_tiny", "cswin_tiny"], args.models
+                             ours_name, softmax_name])
+    assert args.models == [ours_name, softmax_name], args.models
     rows = bench.plan(args)
     ours, softmax = (rows[bench.Case("models", n, n, 64)] for n in args.models)
     for row, seconds in ((ours, 1.0), (softmax, 3.0)):  # made-up times: the pairing, not speed
         for cell in row.cells.values():
             cell.status, cell.times_s = "ok", [seconds]
     assert bench.ratios(rows, ours)["vs_softmax_fwd"] == (3.0, False), \
-        f"[flatten_cswin_tiny vs cswin_tiny at 64] {bench.ratios(rows, ours)}"
+        f"[{ours_name} vs {softmax_name} at 64] {bench.ratios(rows, ours)}"
     assert bench.ratios(rows, softmax)["vs_softmax_fwd"] == (None, False)
-    small = fl.create_model("cswin_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=2)
-    assert bench.model_macs(small, 1, 64) > 0, "[cswin_tiny at 64] no multiply-add count"
+    facts = dict(device="cpu", device_name="CPU", torch="t", dtype="float32", threads=1,
+                 batch_size=1, timer="t", cpus=2, threads_note="")
+    line = next(x for x in bench.render(rows, facts).splitlines() if f"| {ours_name} " in x)
+    assert line.rstrip(" |").endswith("3.00 / 3.00"), f"[models table] {line}"
+    m = fl.create_model(ours_name, img_size=64, num_classes=2, **small)
+    assert bench.model_macs(m, 1, 64) > 0, f"[{ours_name} at 64] no multiply-add count"
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for this test (float64 depthwise convolutions on a busy machine's
+    thread pool took seconds per call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", list(bench.SHAPES))
+def test_l2vit_official_formulation_is_the_l2vit_layer(shape, single_thread):
+    """l2vit-official runs the official formulation on the l2vit layer's weights: the same
+    function (outputs and every gradient), and the l2vit row's "vs official" is against it."""
+    grid = (3, 5)
+    calls = {m: bench.layer_calls(m, bench.SHAPES[shape], grid, CPU, torch.float64, 2, 3)
+             for m in bench.L2VIT_METHODS}
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in calls["l2vit"]["module"].parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    calls["l2vit-official"]["module"].load_state_dict(calls["l2vit"]["module"].state_dict())
+    case = f"[{shape} layer, grid {grid}, batch 2, seed 3, weights N(0, 0.5^2) seed 4]"
+    assert_close(calls["l2vit"]["fwd"](), calls["l2vit-official"]["fwd"](),
+                 f"{case} l2vit vs l2vit-official output", 1e-12, 1e-12)
+    for name, a, b in zip([n for n, _ in calls["l2vit"]["module"].named_parameters()] + ["x"],
+                          calls["l2vit"]["fwdbwd"](), calls["l2vit-official"]["fwdbwd"]()):
+        assert_close(a, b, f"{case} gradient of {name}", 1e-10, 1e-12)
+    args = bench.parse_args([*SMALL[:-len(TINY)], "--methods", "ours", "official", "l2vit",
+                             "l2vit-official"])
+    rows = bench.plan(args)
+    for seconds, method in enumerate(args.methods, start=1):  # made-up times
+        for cell in rows[bench.Case("layers", "pvt", method, 32)].cells.values():
+            cell.status, cell.times_s = "ok", [float(seconds)]
+    got = {m: bench.ratios(rows, rows[bench.Case("layers", "pvt", m, 32)])["vs_official_fwd"]
+           for m in args.methods}
+    assert got == {"ours": (2.0, False), "official": (1.0, False), "l2vit": (4 / 3, False),
+                   "l2vit-official": (1.0, False)}, f"[vs official of each method] {got}"
 
 
 # -----------------------------------------------------------------------------
@@ -630,18 +685,19 @@ def test_out_of_memory_is_a_result_and_the_run_goes_on(error):
 def test_ctrl_c_prints_and_saves_what_was_measured(monkeypatch, tmp_path):
     calls = {"n": 0}
     real = bench.time_call
+    argv = ["--resolutions", "32", "--sections", "layers", *TINY]
+    first_group = 2 * len(bench.parse_args(argv).methods)  # a warm-up and a timed call each
 
     def interrupted_later(fn, device):
         calls["n"] += 1
-        if calls["n"] > 12:
+        if calls["n"] > first_group:
             raise KeyboardInterrupt
         return real(fn, device)
 
     monkeypatch.setattr(bench, "time_call", interrupted_later)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: 1e10)  # its copies: no cell
     path = tmp_path / "r.json"
-    code, out, _ = run_main(["--resolutions", "32", "--sections", "layers", "--json", str(path),
-                             *TINY])
+    code, out, _ = run_main([*argv, "--json", str(path)])
     assert code == 130
     data = json.loads(path.read_text())
     assert data["interrupted"] is True
@@ -866,7 +922,7 @@ def counted_macs(fn):
 
 
 @pytest.mark.parametrize("method", ["sdpa", "explicit", "ours", "ours-torch", "reference",
-                                    "official", "vanilla", "l2vit"])
+                                    "official", "vanilla", "l2vit", "l2vit-official"])
 @pytest.mark.parametrize(("B", "C", "heads", "prefix", "grid"),
                          [(2, 48, 3, 1, (3, 5)), (1, 64, 1, 0, (4, 4))])
 def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
@@ -879,6 +935,8 @@ def test_layer_macs_match_the_flop_counter(method, B, C, heads, prefix, grid):
     H, W = grid
     x = torch.randn(B, prefix + H * W, C)
     def fn():
+        if method == "l2vit-official":
+            return bench.l2vit_official_forward(layer, x, H, W)
         return fl.official_forward(layer, x, H, W) if method == "official" else layer(x, H, W)
 
     want = bench.layer_macs(method, B, prefix + H * W, C, heads, H * W)

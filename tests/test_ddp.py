@@ -1,10 +1,10 @@
-"""Distributed data-parallel training: small FLatten-PVT, FLatten-DeiT, FLatten-Swin and
-FLatten-CSwin models train for two SGD steps under torch.nn.parallel.DistributedDataParallel
-in two CPU processes (gloo, over loopback), with find_unused_parameters=False: every parameter
-takes part in the loss (the official training recipe needed find_unused_parameters=True for a
-parameter it never used; these models have none, and DDP raises in the second step if one were
-left out). Each rank sees its own data; afterwards both ranks hold bitwise-identical
-parameters, and they moved.
+"""Distributed data-parallel training: small FLatten-PVT, FLatten-DeiT, FLatten-Swin,
+FLatten-CSwin and L2ViT models train for two SGD steps under
+torch.nn.parallel.DistributedDataParallel in two CPU processes (gloo, over loopback), with
+find_unused_parameters=False: every parameter takes part in the loss (the official training
+recipe needed find_unused_parameters=True for a parameter it never used; these models have none,
+and DDP raises in the second step if one were left out). Each rank sees its own data; afterwards
+both ranks hold bitwise-identical parameters, and they moved.
 """
 
 import os
@@ -29,7 +29,8 @@ TIMEOUT_S = 120
 
 # The models (create_model name, overrides, input side): small dims, inputs of 32-64 pixels.
 # Swin's window 2 makes stage 3 (4 x 4) shifted and masked; CSwin's split 3 pads and masks the
-# stripes of its stage 3 (4 x 4).
+# stripes of its stage 3 (4 x 4); L2ViT's window 3 pads every stage (16 x 16 ... 2 x 2), and its
+# BatchNorm statistics are DDP's buffers (broadcast from rank 0).
 MODELS = {
     "pvt": ("flatten_pvt_tiny", dict(img_size=64, embed_dims=(16, 32, 40, 64),
                                      depths=(1, 1, 1, 1), num_classes=5), 64),
@@ -40,7 +41,15 @@ MODELS = {
     "cswin": ("flatten_cswin_tiny", dict(img_size=64, embed_dim=16, depths=(1, 1, 2, 1),
                                          num_heads=(2, 2, 4, 8), split_size=(1, 2, 3, 7),
                                          num_classes=5), 64),
+    "l2vit": ("l2vit_tiny", dict(dims=(16, 32, 32, 64), depths=(2, 2, 2, 2),
+                                 num_heads=(2, 2, 4, 4), window_size=3, num_classes=5), 64),
 }
+
+# The SGD learning rate, 0.05 but for L2ViT: at its initialisation (the official one) every
+# denominator of its linear attention sits under the clamp at 100, so the linear blocks' outputs,
+# and the gradients of their norm1, are small (~1e-7 at stage 1), and two steps at 0.05 leave
+# stages.0.1.norm1.weight at 1.0 in float32; 0.5 moves it by about 18 ulps.
+LR = {"l2vit": 0.5}
 
 # Parameters that a classification loss does not reach: FLatten-DeiT's last DWC acts on the
 # patch tokens only, and the head reads the class token only, so its gradient is exactly zero
@@ -59,7 +68,7 @@ root, rank, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.ar
 sys.path.insert(0, root)
 import flatten as fl  # noqa: E402
 
-MODELS = {models!r}
+MODELS, LR = {models!r}, {lrs!r}
 torch.set_num_threads(1)
 dist.init_process_group("gloo", rank=rank, world_size=world)
 for name, (model, overrides, side) in MODELS.items():
@@ -67,7 +76,7 @@ for name, (model, overrides, side) in MODELS.items():
     net = fl.create_model(model, **overrides).train()
     ddp = DistributedDataParallel(net, find_unused_parameters=False)
     initial = {{k: p.detach().clone() for k, p in net.named_parameters()}}
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR.get(name, 0.05), momentum=0.9)
     data = torch.Generator().manual_seed(1000 + rank)     # each rank its own batches
     losses = []
     for step in range(2):
@@ -92,7 +101,7 @@ def free_port() -> int:
 
 def run_ranks(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(models=MODELS))
+    script.write_text(WORKER.format(models=MODELS, lrs=LR))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WORLD_SIZE", "RANK")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     if Path("/sys/class/net/lo").exists():
@@ -139,7 +148,8 @@ def test_ddp_two_ranks_stay_identical(tmp_path):
             f"{sorted(NEVER_TRAINED.get(name, set()))}"
 
 
-@pytest.mark.parametrize("name", ["pvt", "swin", "cswin", "deit"])
+@pytest.mark.usefixtures("one_thread")  # conftest.py: steadier on a busy machine
+@pytest.mark.parametrize("name", ["pvt", "swin", "cswin", "deit", "l2vit"])
 def test_every_parameter_reaches_the_loss(name):
     """Every parameter gets a gradient that is not all zeros (DDP's find_unused_parameters only
     catches parameters left out of the graph, not these), but for one documented exception:
