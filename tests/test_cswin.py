@@ -1,7 +1,8 @@
 """FLatten-CSwin and CSWin: parity with the official code (the official micro fixture and the
-four official FLatten-CSwin manifests in tests/data), any input size, the padded stripe
-attention against a reference written here, the 224 -> 384 fine-tuning load, the released
-checkpoint format, training and an empty batch.
+four official FLatten-CSwin manifests in tests/data), any input size (every grid ceil(H/2) x
+ceil(W/2) in __init__ and set_input_size), the padded stripe attention (padding keys at zero
+weight) and the whole model off the trained size against references written here, the 224 ->
+384 fine-tuning load, the released checkpoint format, training and an empty batch.
 
 The micro fixture is the official CSWinTransformer with embed_dim 16, depths (2, 2, 2, 2), heads
 (2, 4, 8, 16), split_size (1, 2, 7, 7), la_split_size '56-28-14-7', 'LLSS', 10 classes (stages

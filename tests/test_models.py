@@ -1,6 +1,7 @@
 """The models and the API: the softmax and linear comparators, the backbones and their
-softmax counterparts, the DeiT design, any input size (H != W too), set_input_size, the
-timm-style API, an empty batch, the normaliser, half precision, bad input and torch.compile.
+softmax counterparts, the DeiT design, any input size (H != W too), set_input_size, sr_ratio
+tables on the key grid, the timm-style API, an empty batch, the normaliser, the config checks
+(stages of 0 blocks), autocast, half precision, bad input and torch.compile.
 """
 
 import subprocess

@@ -1,7 +1,8 @@
 """FLatten-Swin and Swin: parity with the official code (the official micro fixture in tests/data,
-the four official FLatten-Swin manifests in tests/data/swin), any input size, the shifted and
-padded window stages against a reference written here, the 224 -> 384 fine-tuning load, and
-training.
+the four official FLatten-Swin manifests in tests/data/swin), any input size (every grid
+ceil(H/2) x ceil(W/2) in __init__ and set_input_size, PatchMerging), the shifted and padded
+window stages against a reference written here (padding keys at exactly zero weight), the
+224 -> 384 fine-tuning load, and training.
 
 The micro fixture is the official FLattenSwinTransformer with embed_dim 16, depths (2, 2, 2, 2),
 heads (1, 2, 4, 8), window 56 (stages 1 and 2: global focused linear attention at 224), 'LLSS',
