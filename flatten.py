@@ -873,7 +873,7 @@ def _init_weights(m: nn.Module) -> None:
 
 def _check_image(x: torch.Tensor, model: nn.Module, min_hw: Tuple[int, int]) -> None:
     """x must be floating-point images (B, in_chans, H, W) of at least min_hw pixels, in the
-    model's dtype (or under autocast, which casts them)."""
+    model's dtype (or under autocast, which casts them unless they or the weights are float64)."""
     name, in_chans = type(model).__name__, model.cfg.in_chans
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} expects images (B, {in_chans}, H, W), got "
@@ -1055,7 +1055,8 @@ class PVTConfig:
     """A PVT (version 1) or PVTv2 (version 2) backbone; per-stage tuples have 4 entries.
 
     attn_type has one letter per stage: 'L' focused linear attention, 'S' softmax. Softmax stages
-    use sr_ratios, focused linear ones la_sr_ratios (the FLatten models: all 1).
+    use sr_ratios, focused linear ones la_sr_ratios (the FLatten models: all 1). depths are ints
+    >= 0 (a stage of 0 blocks is its patch embedding alone), mlp_ratios finite numbers > 0.
     """
     version: int = 1
     img_size: Union[int, Tuple[int, int]] = 224
@@ -1198,7 +1199,11 @@ class PyramidVisionTransformer(_Pyramid):
 
 @dataclass(frozen=True)
 class DeiTConfig:
-    """A DeiT (ViT with a class token) with focused linear ('L') or softmax ('S') attention."""
+    """A DeiT (ViT with a class token) with focused linear ('L') or softmax ('S') attention.
+
+    depth is an int >= 0 (0: the patch embedding, class token and final norm alone), mlp_ratio a
+    finite number > 0.
+    """
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -1332,8 +1337,8 @@ class WindowAttention(nn.Module):
     """Swin's softmax attention in w x w windows, with a learned relative position bias (L^2ViT's
     window blocks: relative_position_bias=False, none).
 
-    forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 or None
-    -> (B * windows, w * w, C). The official operations, in the official order.
+    forward(x, mask): x (B * windows, w * w, C), mask (windows, w*w, w*w) of 0 / -100 / -inf
+    or None -> (B * windows, w * w, C). The official operations, in the official order.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
@@ -1378,7 +1383,9 @@ class WindowAttention(nn.Module):
 
 def _window_mask(Hp: int, Wp: int, H: int, W: int, w: int, shift: int, device) -> torch.Tensor:
     """The additive mask (windows, w*w, w*w) of a padded, cyclically shifted Hp x Wp grid: -100
-    between tokens of different regions of the shift (Swin's mask) and for padding keys."""
+    between tokens of different regions of the shift (Swin's mask, the official value), -inf for
+    padding keys, which so get exactly zero weight (every window holds a real token: no row is
+    all -inf)."""
     region = torch.zeros(Hp, Wp, device=device)
     if shift:
         cuts = (slice(0, -w), slice(-w, -shift), slice(-shift, None))
@@ -1388,8 +1395,9 @@ def _window_mask(Hp: int, Wp: int, H: int, W: int, w: int, shift: int, device) -
     pad[:H, :W] = False
     pad = torch.roll(pad, (-shift, -shift), dims=(0, 1))
     region, pad = (_windows(t[None, :, :, None], w, w)[..., 0] for t in (region, pad))
-    mask = (region[:, None, :] != region[:, :, None]) | pad[:, None, :]
-    return torch.zeros(mask.shape, device=device).masked_fill_(mask, -100.)
+    mask = torch.zeros(region.shape[0], w * w, w * w, device=device)
+    mask.masked_fill_(region[:, None, :] != region[:, :, None], -100.)
+    return mask.masked_fill_(pad[:, None, :], float("-inf"))
 
 
 def _windows(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
@@ -1489,7 +1497,8 @@ class SwinConfig:
 
     window_size is the window of the softmax stages (timm's meaning: 7, or 12 for FLatten-Swin-B
     at 384). The official configs name the linear stages' window instead (56 / 96), which at the
-    trained size is the whole stage: here the linear stages are global at every size.
+    trained size is the whole stage: here the linear stages are global at every size. depths
+    are ints >= 0 (a stage of 0 blocks is its PatchMerging alone), mlp_ratio a finite number > 0.
     """
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 4
@@ -1764,7 +1773,8 @@ class CSwinConfig:
     split_size is the stripe width of the softmax stages 1-3 (CSWin's 1, 2, 7; 12 in stage 3 of
     FLatten-CSwin-B at 384). Stage 4 and the linear stages attend over the whole grid at every
     size (the released configs' la_split_size '56-28-14-7' is the whole grid at 224), so their
-    entries are unused.
+    entries are unused. depths are ints >= 0 (a stage of 0 blocks is its merge alone), mlp_ratio
+    a finite number > 0.
     """
     img_size: Union[int, Tuple[int, int]] = 224
     in_chans: int = 3

@@ -6,6 +6,7 @@ The test files import them with `from common import ...` (pytest.ini puts tests/
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import flatten as fl
 from flatten import fast_path  # noqa: F401 - the tests' way to switch paths
@@ -59,3 +60,91 @@ def official_micro(fixture: str, name: str, dtype=torch.float32, **config):
     model = fl.create_model(name, **config)
     fl.load_pretrained(model, d["state_dict"])
     return model.to(dtype).eval(), d
+
+
+# -----------------------------------------------------------------------------
+# Independent references: the grid layout and the focused linear attention written out
+
+
+def image_of(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Row-major tokens (B, H*W, C) -> the image (B, C, H, W): token i * W + j at (i, j)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], H, W)
+
+
+def tokens_of(image: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> row-major tokens (B, H*W, C)."""
+    return image.flatten(2).transpose(1, 2)
+
+
+def resampled_table(table: torch.Tensor, grid, H: int, W: int) -> torch.Tensor:
+    """A position table (1, h*w, C) on `grid` (h, w) at an H x W grid: as it is at its own grid,
+    else F.interpolate's bicubic image resampling (align_corners=False) in float32, cast back
+    (the documented recipe of resample_grid, timm's and the official fine-tuning one)."""
+    (h, w), C = grid, table.shape[-1]
+    assert table.shape[1] == h * w, f"table of {table.shape[1]} rows on grid {h}x{w}"
+    if (h, w) == (H, W):
+        return table
+    image = table.reshape(1, h, w, C).permute(0, 3, 1, 2).float()
+    image = F.interpolate(image, size=(H, W), mode="bicubic", align_corners=False)
+    return image.permute(0, 2, 3, 1).reshape(1, H * W, C).to(table.dtype)
+
+
+def reference_focused_linear(q, k, v, H, W, heads, scale, p, dwc, normalizer="mean"):
+    """Focused linear attention with its DWC, written from the paper and the official code:
+    phi(x) = ||y|| y^p / ||y^p|| with y = (ReLU(x) + 1e-6) / softplus(scale), norms over all C;
+    per head (channel = head * d + j) out_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) .
+    sum_j phi(k_j) + eps), eps = n 1e-6 ("mean") or 1e-6 ("sum"); plus the DWC of the raw v as
+    one H x W image of d channels per head, one kernel shared by the heads. q (B, H*W, C), k and
+    v (B, n, C); with n != H*W (sr_ratio > 1) the DWC takes v brought to H*W tokens by 1-D
+    linear interpolation along the token axis, as the official code does."""
+    s = F.softplus(scale)
+
+    def phi(x):
+        y = (F.relu(x) + 1e-6) / s
+        return y.norm(dim=-1, keepdim=True) * y ** p / (y ** p).norm(dim=-1, keepdim=True)
+
+    B, N, C = q.shape
+    d = C // heads
+    qh, kh, vh = (t.reshape(B, -1, heads, d).transpose(1, 2) for t in (phi(q), phi(k), v))
+    n = kh.shape[2]
+    eps = n * 1e-6 if normalizer == "mean" else 1e-6
+    out = (qh @ (kh.transpose(-2, -1) @ vh)) / (qh @ kh.sum(dim=2).unsqueeze(-1) + eps)
+    if n != H * W:
+        v = F.interpolate(v.transpose(1, 2), size=H * W, mode="linear").transpose(1, 2)
+    per_head = image_of(v, H, W).reshape(B * heads, d, H, W)
+    conv = F.conv2d(per_head, dwc.weight, dwc.bias, padding=dwc.kernel_size[0] // 2, groups=d)
+    return out.transpose(1, 2).reshape(B, N, C) + tokens_of(conv.reshape(B, C, H, W))
+
+
+def check_odd_size(name: str, img_size, grids, stage_layers, **config) -> None:
+    """Every grid of `name` at img_size, in __init__ and in set_input_size, is `grids` (one
+    (H_i, W_i) per stage, worked out by the caller: ceil(H/2) x ceil(W/2) at each merge): the
+    forward's stage grids and the construction grid of each position table. stage_layers(model)
+    lists each stage's layers that hold a positional_encoding on their grid_size. The model built
+    at img_size (224 weights loaded) and the 224 model after set_input_size(img_size) equal the 224
+    model at img_size bit for bit (no resampling from a wrong grid, not even by 1e-8)."""
+    m224 = randomize(fl.create_model(name, **config), seed=5)
+    built = fl.create_model(name, img_size=img_size, **config)
+    fl.load_pretrained(built, m224.state_dict())
+    moved = fl.create_model(name, **config)
+    moved.load_state_dict(m224.state_dict())
+    moved.set_input_size(img_size)
+    x = seeded(1, 3, *img_size, seed=6)
+    with torch.no_grad():
+        expected = m224(x)
+        for model, how in ((m224, "built at 224"), (built.eval(), f"built at {img_size}"),
+                           (moved.eval(), f"set_input_size({img_size})")):
+            case = f"[{name} {config}, {how}, input 1x3x{img_size[0]}x{img_size[1]} seed=6]"
+            seen = [(H, W) for _, H, W in model._stages(x)]
+            assert seen == list(grids), f"{case}: stage grids {seen}, expected {list(grids)}"
+            if model is m224:
+                continue
+            for i, (layers, grid) in enumerate(zip(stage_layers(model), grids), start=1):
+                for layer in layers:
+                    rows = layer.positional_encoding.shape[1]
+                    assert tuple(layer.grid_size) == grid and rows == grid[0] * grid[1], \
+                        f"{case}: a stage {i} table on grid {layer.grid_size} ({rows} rows), " \
+                        f"expected {grid}"
+            out = model(x)
+            assert torch.equal(out, expected), f"{case}: logits differ from the 224 model's by " \
+                f"{(out - expected).abs().max().item():.3g}"

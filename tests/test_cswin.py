@@ -1,7 +1,8 @@
 """FLatten-CSwin and CSWin: parity with the official code (the official micro fixture and the
-four official FLatten-CSwin manifests in tests/data), any input size, the padded stripe
-attention against a reference written here, the 224 -> 384 fine-tuning load, the released
-checkpoint format, training and an empty batch.
+four official FLatten-CSwin manifests in tests/data), any input size (every grid ceil(H/2) x
+ceil(W/2) in __init__ and set_input_size), the padded stripe attention (padding keys at zero
+weight) and the whole model off the trained size against references written here, the 224 ->
+384 fine-tuning load, the released checkpoint format, training and an empty batch.
 
 The micro fixture is the official CSWinTransformer with embed_dim 16, depths (2, 2, 2, 2), heads
 (2, 4, 8, 16), split_size (1, 2, 7, 7), la_split_size '56-28-14-7', 'LLSS', 10 classes (stages
@@ -29,11 +30,16 @@ from common import (
     DATA,
     RTOL,
     assert_close,
+    check_odd_size,
     fast_path,
+    image_of,
     load_fixture,
     official_micro,
     randomize,
+    reference_focused_linear,
+    resampled_table,
     seeded,
+    tokens_of,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -303,6 +309,15 @@ def test_any_size(attn_type, H, W, resample_calls):
             f"{case}: grid {old} -> {new} returned {'the table itself' if same else 'a copy'}"
 
 
+def test_odd_sizes_every_grid_is_ceil_in_init_and_set_input_size():
+    """227 x 101: the stem gives 57 x 25 ((H - 3) // 4 + 1: not H // 4, not ceil(H / 4)), then
+    29 x 13, 15 x 7, 8 x 4 (ceil at every merge, non-square). Every stage linear ('LLLL'), so
+    that each stage's position tables show its construction grid."""
+    check_odd_size("flatten_cswin_tiny", (227, 101), stage_grids(227, 101),
+                   lambda m: [[b.attns[0] for b in getattr(m, f"stage{i}")] for i in range(1, 5)],
+                   attn_type="LLLL", **SMALL)
+
+
 def test_set_input_size_in_place_equals_resampling_on_the_fly():
     m = randomize(fl.create_model("flatten_cswin_tiny", **SMALL), seed=3)
     tables = {n: p for n, p in m.named_parameters() if n.endswith("positional_encoding")}
@@ -424,6 +439,126 @@ def test_two_branches_at_grid_equal_to_split_are_one_branch():
         two = torch.cat([a(*(t[i] for t in halves), 7, 7) for i, a in enumerate(blk.attns)], -1)
         assert_close(two, one(q, k, v, 7, 7), "[grid 7x7 split 7, C 16, 4 heads, seeds 8-11] "
                      "two half branches vs one branch", rtol=1e-10, atol=1e-12)
+
+
+PADDED_STRIPES = [(7, 9, 4), (13, 17, 2), (4, 6, 4), (5, 3, 2)]
+
+
+@pytest.mark.parametrize("H,W,split", PADDED_STRIPES,
+                         ids=[f"{h}x{w}-split{s}" for h, w, s in PADDED_STRIPES])
+def test_padded_keys_get_exactly_zero_weight_in_stripes(H, W, split):
+    """Logits of -1e5 and below between real tokens and 0 for the padding keys (zeros: k = 0):
+    a finite padding mask such as -100 (or -1e4) would give the padding nearly all the weight.
+    The block (norm1 left out, so that the tokens stay positive) equals the unpadded reference,
+    and its gradient is finite (no softmax row without a key)."""
+    blk = stripe_block(8, 2, split, seed=H * 100 + W)
+    blk.norm1 = torch.nn.Identity()
+    C = 8
+    with torch.no_grad():
+        blk.qkv.weight[:C].zero_()                              # q = 100 in every channel
+        blk.qkv.bias[:C].fill_(100.)
+        blk.qkv.weight[C:2 * C].fill_(-100.)                    # k = -100 sum(x) in every channel
+        blk.qkv.bias[C:2 * C].zero_()
+    x = (0.5 + torch.rand(2, H * W, C, generator=torch.Generator().manual_seed(H * W),
+                          dtype=torch.float64)).requires_grad_()     # sum(x) > 0: logits << 0
+    case = f"[grid {H}x{W} split {split}, logits <= -1e5, dim 8, seed={H * W}]"
+    out = blk(x, H, W)
+    with torch.no_grad():
+        expected = reference_stripe_block(blk, x, H, W, split)
+    assert_close(out, expected, f"{case} CSwinBlock vs unpadded reference", rtol=1e-10,
+                 atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all(), f"{case}: the gradient is not finite"
+
+
+def reference_linear_block(blk, x, H, W):
+    """A FLatten-CSwin linear block, global over H x W: focused linear attention with the DWC
+    (common.reference_focused_linear), the encoding resampled to H x W, and the LePE get_v on
+    the raw v as one H x W image."""
+    attn = blk.attns[0]
+    C = x.shape[-1]
+    q, k, v = blk.qkv(blk.norm1(x)).split(C, dim=-1)
+    k = k + resampled_table(attn.positional_encoding, attn.grid_size, H, W)
+    out = reference_focused_linear(q, k, v, H, W, attn.num_heads, attn.scale,
+                                   attn.focusing_factor, attn.dwc, attn.normalizer)
+    lepe = F.conv2d(image_of(v, H, W), attn.get_v.weight, attn.get_v.bias, padding=1, groups=C)
+    y = x + blk.proj(out + tokens_of(lepe))
+    return y + blk.mlp(blk.norm2(y), H, W)
+
+
+def reference_global_block(blk, x, H, W):
+    """The last stage's block: softmax over every token of the grid, per head, plus get_v on
+    the whole H x W image (the released la_split: one window, the whole grid)."""
+    attn = blk.attns[0]
+    B, N, C = x.shape
+    h = attn.num_heads
+    q, k, v = blk.qkv(blk.norm1(x)).split(C, dim=-1)
+    qh, kh, vh = (t.reshape(B, N, h, C // h).transpose(1, 2) for t in (q, k, v))
+    out = torch.softmax(qh @ kh.transpose(-2, -1) / math.sqrt(C // h), -1) @ vh
+    lepe = F.conv2d(image_of(v, H, W), attn.get_v.weight, attn.get_v.bias, padding=1, groups=C)
+    y = x + blk.proj(out.transpose(1, 2).reshape(B, N, C) + tokens_of(lepe))
+    return y + blk.mlp(blk.norm2(y), H, W)
+
+
+def reference_cswin(m, x):
+    """The whole model written here: the stem and merges as convolutions of images in the
+    layout image_of / tokens_of, then per stage the references above (stripes: the unpadded
+    reference_stripe_block). Returns the logits and each stage's (tokens, H, W)."""
+    stem = m.stage1_conv_embed
+    image = F.conv2d(x, stem[0].weight, stem[0].bias, stride=4, padding=2)
+    H, W = image.shape[-2:]
+    t = stem[2](tokens_of(image))
+    stages = []
+    for i in range(1, 5):
+        if i > 1:
+            merge = getattr(m, f"merge{i - 1}")
+            image = F.conv2d(image_of(t, H, W), merge.conv.weight, merge.conv.bias, stride=2,
+                             padding=1)
+            H, W = image.shape[-2:]
+            t = merge.norm(tokens_of(image))
+        for blk in getattr(m, f"stage{i}"):
+            if m.cfg.attn_type[i - 1] == "L":
+                t = reference_linear_block(blk, t, H, W)
+            elif i == 4:
+                t = reference_global_block(blk, t, H, W)
+            else:
+                t = reference_stripe_block(blk, t, H, W, m.cfg.split_size[i - 1])
+        stages.append((t, H, W))
+    return m.head(m.norm(t).mean(dim=1)), stages
+
+
+@pytest.fixture(scope="module")
+def cswin_f64():
+    """FLatten-CSwin (embed 16, one block a stage) built at 224, random weights, float64."""
+    m = fl.create_model("flatten_cswin_tiny", embed_dim=16, depths=(1, 1, 1, 1),
+                        num_heads=(2, 2, 4, 8), num_classes=5)
+    return randomize(m, seed=21).double()
+
+
+OFF_SIZE = [(320, 320), (224, 320), (225, 97), (227, 101)]
+
+
+@pytest.mark.parametrize("H,W", OFF_SIZE, ids=[f"{h}x{w}" for h, w in OFF_SIZE])
+def test_cswin_off_the_trained_size_equals_a_reference(cswin_f64, H, W):
+    """Where a stripe is not the whole grid (stage 3 at 20x20, 14x20, 14x6, 15x7 against split
+    7) and the grids are not square: the linear stages global with their DWC and LePE images
+    H x W (not W x H), the stripes padded and masked as the unpadded reference, the last stage
+    global over its grid (10x10, 7x10, 7x3, 8x4: more than one 7 x 7 window), and every grid
+    ceil(H/2) x ceil(W/2) of the one before."""
+    m = cswin_f64
+    x = seeded(1, 3, H, W, seed=H + W, dtype=torch.float64)
+    case = f"[flatten_cswin embed 16 built at 224, float64, input 1x3x{H}x{W} seed={H + W}]"
+    with torch.no_grad():
+        ours = list(m._stages(x))
+        logits = m.forward_head(m.norm(ours[-1][0]))
+        ref_logits, ref = reference_cswin(m, x)
+    grids = stage_grids(H, W)
+    assert [(h, w) for _, h, w in ours] == [(h, w) for _, h, w in ref] == grids, \
+        f"{case}: stage grids {[(h, w) for _, h, w in ours]}, expected {grids}"
+    for i, ((t, _, _), (r, _, _)) in enumerate(zip(ours, ref), start=1):
+        assert_close(t, r, f"{case} stage {i} ({grids[i - 1][0]}x{grids[i - 1][1]}) vs the "
+                     "reference", rtol=1e-9, atol=1e-11)
+    assert_close(logits, ref_logits, f"{case} logits vs the reference", rtol=1e-9, atol=1e-11)
 
 
 # -----------------------------------------------------------------------------

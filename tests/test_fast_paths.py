@@ -224,6 +224,27 @@ def test_set_fast_path_and_the_environment_variable():
     assert run.stdout.strip() == "auto", f"FLATTEN_FAST_PATH=' ': {run.stdout} {run.stderr[-2000:]}"
 
 
+def test_fast_path_restores_the_mode_before_it(monkeypatch):
+    """`with fast_path(mode)` gives back the mode set before it (not "auto"), also when the
+    block raises, and nested blocks unwind one by one."""
+    monkeypatch.setattr(fl, "_fast_path_mode", "torch")
+    with fl.fast_path("off"):
+        assert fl.get_fast_path() == "off", "[torch, then fast_path('off')] inside"
+        with fl.fast_path("auto"):
+            assert fl.get_fast_path() == "auto", "[torch, off, then fast_path('auto')] inside"
+        assert fl.get_fast_path() == "off", "[torch, off, auto] after the inner block"
+    assert fl.get_fast_path() == "torch", f"[torch, fast_path('off')] after: {fl.get_fast_path()}"
+    with pytest.raises(KeyError):
+        with fl.fast_path("off"):
+            raise KeyError("inside")
+    assert fl.get_fast_path() == "torch", \
+        f"[torch, fast_path('off') left by an exception] after: {fl.get_fast_path()}"
+    with pytest.raises(ValueError, match="auto, torch, off"):
+        with fl.fast_path("fastest"):
+            pass
+    assert fl.get_fast_path() == "torch", f"[torch, fast_path('fastest')]: {fl.get_fast_path()}"
+
+
 @pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
 def test_torch_func_transforms_take_the_reference(transform):
     """Inside torch.func transforms the fast paths' autograd Functions and out= ops do not work
@@ -352,6 +373,35 @@ def test_reference_gradgradcheck_on_a_tiny_layer():
 
 # -----------------------------------------------------------------------------
 # The training path
+
+
+@pytest.mark.parametrize("p", [3.0, 2.0, 1.0, 0.5])
+def test_focus_backward_on_dead_tokens_without_offset(p):
+    """_Focus.backward's branch for a token that ReLU zeroes entirely (||y|| = 0) is reached with
+    offset 0 only (the layers' offset 1e-6 keeps every y > 0): phi_p is 0 all around such a token,
+    so its gradient is exactly 0 (without the branch it is NaN: 0 / 0 of the norms), and every
+    gradient equals autograd through focus(offset=0)."""
+    g = torch.Generator().manual_seed(int(p * 10))
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    dead = torch.tensor([False, True, False, False, True])
+    x[dead] = -x[dead].abs()
+    s = 0.5 + torch.rand(6, generator=g, dtype=torch.float64)
+    up = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    case = f"[_Focus.apply, p={p}, offset 0, tokens 1 and 4 all <= 0, seed={int(p * 10)}]"
+    results = []
+    def hand_written(t, sc):  # phi / D and D (no gradient): phi again
+        phi, D = fl._Focus.apply(t, sc, p, 0.0, "token")
+        return phi * D
+
+    for fn in (hand_written, lambda t, sc: fl.focus(t, p, sc, offset=0)):
+        xs, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+        out = fn(xs, ss)
+        results.append((out, *torch.autograd.grad(out, (xs, ss), up)))
+    (out, gx, gs), (ref, rx, rs) = results
+    assert torch.isfinite(gx).all() and torch.isfinite(gs).all(), f"{case}: gradients not finite"
+    assert torch.equal(gx[dead], torch.zeros_like(gx[dead])), f"{case}: dead tokens' gradient"
+    for what, a, b in (("phi", out, ref), ("d/dx", gx, rx), ("d/dscale", gs, rs)):
+        assert_close(a, b, f"{case} {what} vs autograd through focus", rtol=1e-10, atol=1e-12)
 
 
 def test_training_path_under_autocast():

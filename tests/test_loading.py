@@ -35,6 +35,12 @@ def small_pvt():
     return fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=4)
 
 
+def tiny_pvt():
+    """small_pvt with narrow stages, where the widths do not matter."""
+    return fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1),
+                           embed_dims=(16, 32, 40, 64), num_classes=4)
+
+
 def throwaway_config_class(module_name):
     """A config class like yacs' CfgNode (a dict with instance attributes), defined in a module
     that exists only while the checkpoint is written: the loading side cannot import it."""
@@ -394,6 +400,41 @@ def test_weights_for_224_load_into_a_model_built_at_another_size(name):
         f"{(a - b).abs().max():.3g}"
 
 
+def test_sr_ratio_tables_load_to_their_key_grid():
+    """Focused linear layers with sr_ratio 2 keep their table on the key grid (floor(H / 2) x
+    floor(W / 2)): the 64 x 64 weights, loaded into the model built at 48 x 80, are resampled
+    from the square key grids 8x8, 4x4, 2x2 to 6x10, 3x5, 1x2, and the model equals the 64 model
+    at 48 x 80 bit for bit (which resamples on the fly)."""
+    kw = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 40, 64), la_sr_ratios=(2, 2, 2, 1),
+              num_classes=4)
+    m64 = randomize(fl.create_model("flatten_pvt_tiny", img_size=64, **kw), std=0.02)
+    other = fl.create_model("flatten_pvt_tiny", img_size=(48, 80), **kw)
+    fl.load_pretrained(other, m64.state_dict())
+    case = "[flatten_pvt_tiny la_sr_ratios (2, 2, 2, 1), 64 weights built at 48x80]"
+    rows = [other.get_submodule(f"block{i}.0.attn").positional_encoding.shape[1]
+            for i in range(1, 5)]
+    assert rows == [6 * 10, 3 * 5, 1 * 2, 1 * 2], \
+        f"{case}: table rows {rows}, expected the key grids 6x10, 3x5, 1x2 and the 1x2 grid"
+    x = seeded(1, 3, 48, 80, seed=15)
+    with torch.no_grad():
+        a, b = other.eval()(x), m64(x)
+    assert torch.equal(a, b), \
+        f"{case}, input 1x3x48x80 seed=15: max |diff| {(a - b).abs().max():.3g}"
+
+
+def test_module_prefix_is_dropped_only_when_every_key_has_it():
+    """A 'module.' prefix (DistributedDataParallel) goes when every tensor key has it; a state
+    dict with one such key among others keeps its keys (here an extra key, left out)."""
+    m = tiny_pvt()
+    sd = dict(m.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fl.load_pretrained(m, {**sd, "module.extra": torch.zeros(1)}, strict=False)
+    case = "[small PVT state dict + 'module.extra', strict=False]"
+    assert result.unexpected_keys == ["module.extra"] and not result.missing_keys, \
+        f"{case}: {result}, warnings {[str(w.message)[:200] for w in caught]}"
+
+
 # -----------------------------------------------------------------------------
 # The weights and the EMA weights of one file; strict=False; a pickled module
 
@@ -430,6 +471,17 @@ def test_model_weights_by_default_ema_weights_on_request(ema_key, ema_first):
     m = fl.create_model("flatten_pvt_tiny", img_size=64, depths=(1, 1, 1, 1), num_classes=4,
                         checkpoint=ckpt, use_ema=True)
     assert same_weights(m.state_dict(), ema), f"{case}: create_model(use_ema=True)"
+
+
+def test_model_is_taken_before_state_dict():
+    """The documented order of the containers: 'model', then 'state_dict', whatever the order
+    of the file's keys."""
+    raw, other = (randomize(tiny_pvt(), seed=s).state_dict() for s in (1, 2))
+    for items in ([("model", raw), ("state_dict", other)], [("state_dict", other), ("model", raw)]):
+        m = tiny_pvt()
+        fl.load_pretrained(m, dict(items))
+        assert same_weights(m.state_dict(), raw), \
+            f"[file with {[k for k, _ in items]}]: not the 'model' weights"
 
 
 def test_use_ema_without_ema_weights_says_so(tmp_path):

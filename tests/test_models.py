@@ -1,6 +1,7 @@
 """The models and the API: the softmax and linear comparators, the backbones and their
-softmax counterparts, the DeiT design, any input size (H != W too), set_input_size, the
-timm-style API, an empty batch, the normaliser, half precision, bad input and torch.compile.
+softmax counterparts, the DeiT design, any input size (H != W too), set_input_size, sr_ratio
+tables on the key grid, the timm-style API, an empty batch, the normaliser, the config checks
+(stages of 0 blocks), autocast, half precision, bad input and torch.compile.
 """
 
 import subprocess
@@ -9,7 +10,17 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from common import ROOT, assert_close, randomize, seeded
+from common import (
+    ROOT,
+    assert_close,
+    fast_path,
+    image_of,
+    randomize,
+    reference_focused_linear,
+    resampled_table,
+    seeded,
+    tokens_of,
+)
 
 import flatten as fl
 
@@ -235,6 +246,46 @@ def test_set_input_size_non_square_equals_on_the_fly_resampling(name):
     assert m.cfg.img_size == (96, 128), f"{case}: cfg.img_size {m.cfg.img_size}"
 
 
+def reference_sr_layer(m, x, H, W, table_grid):
+    """FocusedLinearAttention with sr_ratio > 1, written out: keys and values from the strided
+    conv's grid floor(H / sr) x floor(W / sr) (then LayerNorm), the table, on table_grid, resampled
+    to that key grid (common.resampled_table), the focused attention and the DWC of v brought
+    back to H*W tokens (common.reference_focused_linear), proj."""
+    image = F.conv2d(image_of(x, H, W), m.sr.weight, m.sr.bias, stride=m.sr_ratio)
+    kh, kw = image.shape[-2:]
+    k, v = m.kv(m.norm(tokens_of(image))).chunk(2, dim=-1)
+    k = k + resampled_table(m.positional_encoding, table_grid, kh, kw)
+    out = reference_focused_linear(m.q(x), k, v, H, W, m.num_heads, m.scale,
+                                   m.focusing_factor, m.dwc, m.normalizer)
+    return m.proj(out)
+
+
+def test_sr_ratio_tables_are_on_the_key_grid():
+    """sr_ratio 2 built on 9 x 13: its keys lie on floor(9/2) x floor(13/2) = 4 x 6 (the strided
+    conv's grid), and so does its table, used as it is there; at 10 x 15 (keys 5 x 7) it is
+    resampled from 4 x 6; set_grid_size((10, 15)) resamples it once, to 5 x 7."""
+    m = randomize(fl.FocusedLinearAttention(16, 9 * 13, 2, qkv_bias=True, sr_ratio=2,
+                                            grid_size=(9, 13)), seed=17).double()
+    case = "[FocusedLinearAttention(16, 2 heads, sr_ratio 2) built on 9x13, float64, seed=17]"
+    assert m.positional_encoding.shape == (1, 4 * 6, 16), \
+        f"{case}: table {tuple(m.positional_encoding.shape)}, expected the 4x6 key grid's 24 rows"
+    with fast_path("off"), torch.no_grad():
+        for H, W in ((9, 13), (10, 15), (5, 4)):
+            x = seeded(2, H * W, 16, seed=H * W, dtype=torch.float64)
+            assert_close(m(x, H, W), reference_sr_layer(m, x, H, W, (4, 6)),
+                         f"{case} at {H}x{W} (keys {H // 2}x{W // 2})", rtol=1e-10, atol=1e-12)
+        before = m.positional_encoding.detach().clone()
+        m.set_grid_size((10, 15))
+        assert m.positional_encoding.shape == (1, 5 * 7, 16), \
+            f"{case} set_grid_size((10, 15)): table {tuple(m.positional_encoding.shape)}, " \
+            "expected the 5x7 key grid's 35 rows"
+        assert_close(m.positional_encoding, resampled_table(before, (4, 6), 5, 7),
+                     f"{case} set_grid_size((10, 15)): table vs 4x6 -> 5x7 bicubic", rtol=0, atol=0)
+        x = seeded(2, 150, 16, seed=150, dtype=torch.float64)
+        assert_close(m(x, 10, 15), reference_sr_layer(m, x, 10, 15, (5, 7)),
+                     f"{case} set_grid_size((10, 15)), at 10x15", rtol=1e-10, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # The timm-style API
 
@@ -427,10 +478,13 @@ def test_rates_outside_0_1_raise_at_construction(name, field, value):
 @pytest.mark.parametrize("name", list(RATE_FAMILIES))
 @pytest.mark.parametrize("field,value,expected", [
     ("depths", (1, -1, 1, 1), "block counts"), ("depths", (1, 1.0, 1, 1), "block counts"),
-    ("mlp_ratio", -1.0, "MLP ratios"), ("mlp_ratio", float("nan"), "MLP ratios")])
+    ("mlp_ratio", -1.0, "MLP ratios"), ("mlp_ratio", float("nan"), "MLP ratios"),
+    ("mlp_ratio", 0, "MLP ratios"), ("mlp_ratio", 0.0, "MLP ratios"),
+    ("mlp_ratio", float("inf"), "MLP ratios")])
 def test_block_counts_and_mlp_ratios_are_checked(name, field, value, expected):
     """A negative block count used to build an empty stage silently, a float one failed inside
-    torch.linspace, a negative MLP ratio inside nn.Linear."""
+    torch.linspace, a negative MLP ratio inside nn.Linear; a ratio of 0 would build MLPs of no
+    hidden units (a block without its MLP), inf fails inside int()."""
     kw = dict(RATE_FAMILIES[name])
     if field == "depths" and "depth" in kw:
         field, value = "depth", value[1]
@@ -440,6 +494,43 @@ def test_block_counts_and_mlp_ratios_are_checked(name, field, value, expected):
     with pytest.raises(ValueError, match=expected) as err:
         fl.create_model(name, **kw)
     assert repr(value)[:4] in str(err.value), f"[{name} {field}={value!r}]: {err.value}"
+
+
+# (the field, its value with one block and with none in stage 2, that block's keys, small widths)
+ZERO_BLOCKS = {
+    "flatten_pvt_tiny": ("depths", (1, 1, 1, 1), (1, 0, 1, 1), "block2.0.",
+                         dict(embed_dims=(16, 32, 40, 64))),
+    "flatten_deit_tiny": ("depth", 1, 0, "blocks.0.", dict(embed_dim=48)),
+    "flatten_swin_tiny": ("depths", (1, 1, 1, 1), (1, 0, 1, 1), "layers.1.blocks.0.",
+                          dict(embed_dim=16, num_heads=(1, 2, 4, 8))),
+    "flatten_cswin_tiny": ("depths", (1, 1, 1, 1), (1, 0, 1, 1), "stage2.0.",
+                           dict(embed_dim=16, num_heads=(2, 2, 4, 8)))}
+
+
+@pytest.mark.parametrize("name", list(ZERO_BLOCKS))
+def test_a_stage_of_zero_blocks_is_allowed_and_is_its_downsampling_only(name):
+    """Block counts are ints >= 0 (documented in the configs and the README): a stage of 0
+    blocks (a DeiT of depth 0) computes what the model with one block there computes when that
+    block's residual branches are zero (its attention's proj and its fc2): exactly, as x + 0 is x.
+    A negative count is refused (test_block_counts_and_mlp_ratios_are_checked)."""
+    field, with_one, with_none, block, widths = ZERO_BLOCKS[name]
+    one, zero = ({field: v, "num_classes": 3, **widths} for v in (with_one, with_none))
+    ref = randomize(fl.create_model(name, **one), seed=8)
+    with torch.no_grad():
+        for key, p in ref.named_parameters():
+            if key.startswith(block) and key.endswith(("proj.weight", "proj.bias", "fc2.weight",
+                                                       "fc2.bias")):
+                p.zero_()
+    m = fl.create_model(name, **zero).eval()
+    result = m.load_state_dict(ref.state_dict(), strict=False)
+    case = f"[{name} {field}={zero[field]}]"
+    assert not result.missing_keys and all(k.startswith(block) for k in result.unexpected_keys), \
+        f"{case}: {result}"
+    x = seeded(1, 3, 64, 64, seed=9)
+    with torch.no_grad():
+        out, expected = m(x), ref(x)
+    assert torch.equal(out, expected), f"{case}, input 1x3x64x64 seed=9: max |diff| " \
+        f"{(out - expected).abs().max().item():.3g} from the one-block model with zero branches"
 
 
 @pytest.mark.parametrize("name", list(RATE_FAMILIES))
@@ -457,6 +548,30 @@ def test_rates_inside_0_1_train(name):
     out = m(seeded(2, 3, 64, 64, seed=3))
     assert out.shape == (2, 3) and torch.isfinite(out).all(), \
         f"[{name} attn_drop_rate=0.5 drop_path_rate=0.99, input 2x3x64x64 seed=3]: {out}"
+
+
+@pytest.mark.parametrize("name", list(ZERO_BLOCKS))
+def test_under_autocast_an_image_of_another_dtype_is_accepted(name):
+    """float32 weights under torch.autocast (CPU, bfloat16): bfloat16 and float16 images run, and
+    exactly as the same values in float32 (autocast casts every one of them for the first
+    convolution). Autocast casts no float64 tensor: float64 images, or weights, get a ValueError
+    that says so (not torch's dtype error from inside the convolution)."""
+    field, one, _, _, widths = ZERO_BLOCKS[name]
+    m = fl.create_model(name, **{field: one}, num_classes=3, **widths).eval()
+    for dtype in (torch.bfloat16, torch.float16):
+        x = seeded(1, 3, 64, 64, seed=10).to(dtype)
+        case = f"[{name} float32 weights, {dtype} image 1x3x64x64 seed=10, autocast bfloat16]"
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = m(x), m(x.float())
+        assert torch.equal(out, expected), \
+            f"{case}: max |diff| {(out - expected).float().abs().max().item():.3g} from the " \
+            "float32 image"
+    for weights, images in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        m.to(weights)
+        with pytest.raises(ValueError, match=rf"{weights} weights but the images are {images}.*"
+                                             r"autocast leaves float64 alone"), \
+                torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(seeded(1, 3, 64, 64, seed=10).to(images))
 
 
 # -----------------------------------------------------------------------------

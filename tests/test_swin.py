@@ -1,7 +1,8 @@
 """FLatten-Swin and Swin: parity with the official code (the official micro fixture in tests/data,
-the four official FLatten-Swin manifests in tests/data/swin), any input size, the shifted and
-padded window stages against a reference written here, the 224 -> 384 fine-tuning load, and
-training.
+the four official FLatten-Swin manifests in tests/data/swin), any input size (every grid
+ceil(H/2) x ceil(W/2) in __init__ and set_input_size, PatchMerging), the shifted and padded
+window stages against a reference written here (padding keys at exactly zero weight), the
+224 -> 384 fine-tuning load, and training.
 
 The micro fixture is the official FLattenSwinTransformer with embed_dim 16, depths (2, 2, 2, 2),
 heads (1, 2, 4, 8), window 56 (stages 1 and 2: global focused linear attention at 224), 'LLSS',
@@ -19,6 +20,7 @@ from common import (
     DATA,
     RTOL,
     assert_close,
+    check_odd_size,
     fast_path,
     load_fixture,
     official_micro,
@@ -254,6 +256,49 @@ def test_construction_size_uses_the_encodings_as_they_are():
         f"{(before - after).abs().max().item():.3g}"
 
 
+def test_odd_sizes_every_grid_is_ceil_in_init_and_set_input_size():
+    """230 x 94: patch 4 gives 57 x 23 (floor((230 - 4) / 4) + 1, not ceil), then 29 x 12 (an
+    odd side beside an even one), 15 x 6, 8 x 3: ceil at every merge. Every stage linear
+    ('LLLL'), so that each stage's position tables show its construction grid."""
+    check_odd_size("flatten_swin_tiny", (230, 94), [(57, 23), (29, 12), (15, 6), (8, 3)],
+                   lambda m: [[b.attn for b in stage.blocks] for stage in m.layers],
+                   attn_type="LLLL", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                   num_classes=5)
+
+
+MERGE_GRIDS = [(5, 8), (7, 7), (4, 9), (1, 1), (1, 6), (6, 4)]
+
+
+@pytest.mark.parametrize("H,W", MERGE_GRIDS, ids=[f"{h}x{w}" for h, w in MERGE_GRIDS])
+def test_patch_merging_gives_ceil_and_pads_with_zeros(H, W):
+    """Output token (i, j) of a ceil(H/2) x ceil(W/2) grid concatenates the input tokens (2i, 2j),
+    (2i+1, 2j), (2i, 2j+1), (2i+1, 2j+1) (the official order), zeros past the grid; then the
+    LayerNorm and the reduction. Exactly: the same numbers in the same order."""
+    merge = randomize(fl.PatchMerging(4), seed=H * W)
+    x = seeded(2, H * W, 4, seed=H * W)
+    case = f"[PatchMerging(4), grid {H}x{W}, seed={H * W}]"
+    with torch.no_grad():
+        out, h, w = merge(x, H, W)
+        grid = x.reshape(2, H, W, 4)
+
+        def at(i, j):
+            return grid[:, i, j] if i < H and j < W else torch.zeros(2, 4)
+
+        rows = [torch.cat([at(2 * i, 2 * j), at(2 * i + 1, 2 * j), at(2 * i, 2 * j + 1),
+                           at(2 * i + 1, 2 * j + 1)], dim=-1) for i in range(h) for j in range(w)]
+        expected = merge.reduction(merge.norm(torch.stack(rows, dim=1)))
+    assert (h, w) == (math.ceil(H / 2), math.ceil(W / 2)), f"{case}: grid {h}x{w}"
+    assert torch.equal(out, expected), \
+        f"{case}: max |diff| {(out - expected).abs().max().item():.3g} from the reference"
+
+
+@pytest.mark.parametrize("value", [0, -7, 2.5, True])
+def test_window_size_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match=r"window_size must be a positive int") as err:
+        fl.create_model("flatten_swin_tiny", window_size=value, depths=(1, 1, 1, 1))
+    assert repr(value) in str(err.value), f"[flatten_swin_tiny window_size={value!r}]: {err.value}"
+
+
 # -----------------------------------------------------------------------------
 # 4. The window stages against a reference written here
 
@@ -267,10 +312,11 @@ def make_window_block(dim, heads, window, shifted, seed):
 
 def reference_window_attention(attn, x, H, W, w, shift):
     """Swin's attention written per token: a query at (i, j) of the H x W grid attends, with a
-    softmax, to the real (not padding) tokens that share its window of the grid padded to
-    multiples of w and cyclically shifted by `shift`, and its region of the shift; the logit of
-    a pair gets the relative position bias of its offset. Then the heads are joined and
-    projected. x (B, H*W, C)."""
+    softmax, to the real tokens that share its window of the grid padded to multiples of w and
+    cyclically shifted by `shift` (padding tokens are not in the computation: exactly zero
+    weight); the logit of a pair gets the relative position bias of its offset, and -100 (the
+    official shift mask) when the two lie in different regions of the shift. Then the heads are
+    joined and projected. x (B, H*W, C)."""
     B, N, C = x.shape
     h = attn.num_heads
     d = C // h
@@ -284,8 +330,11 @@ def reference_window_attention(attn, x, H, W, w, shift):
             return torch.zeros_like(pos)
         return (pos >= size - w).long() + (pos >= size - shift).long()
 
-    key = torch.stack([a // w, b // w, region(a, Hp), region(b, Wp)], dim=1)       # (N, 4)
-    allowed = (key[:, None, :] == key[None, :, :]).all(-1)                         # (N, N)
+    window = torch.stack([a // w, b // w], dim=1)                                  # (N, 2)
+    same_window = (window[:, None, :] == window[None, :, :]).all(-1)               # (N, N)
+    regions = torch.stack([region(a, Hp), region(b, Wp)], dim=1)
+    same_region = (regions[:, None, :] == regions[None, :, :]).all(-1)
+    allowed = same_window & same_region
     # the same pairs, said in the image's own coordinates: windows cut at shift + k * w
     cells = torch.stack([torch.div(i - shift, w, rounding_mode="floor"),
                          torch.div(j - shift, w, rounding_mode="floor")], dim=1)
@@ -297,8 +346,8 @@ def reference_window_attention(attn, x, H, W, w, shift):
 
     q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(C, dim=-1)
     q, k, v = (t.reshape(B, N, h, d).transpose(1, 2) for t in (q, k, v))          # (B, h, N, d)
-    logits = q @ k.transpose(-2, -1) / math.sqrt(d) + bias
-    weights = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(d) + bias - 100. * ~same_region
+    weights = logits.masked_fill(~same_window, float("-inf")).softmax(dim=-1)
     out = (weights @ v).transpose(1, 2).reshape(B, N, C)
     return out @ attn.proj.weight.T + attn.proj.bias
 
@@ -333,6 +382,52 @@ def test_window_attention_equals_reference(H, W, window, shifted):
        shifted=st.booleans(), heads=st.integers(1, 2), seed=st.integers(0, 2 ** 16))
 def test_window_attention_equals_reference_property(H, W, window, shifted, heads, seed):
     check_window_block(H, W, window, shifted, heads, seed)
+
+
+PADDED = [(5, 9, 4, True), (5, 9, 4, False), (10, 13, 7, True), (9, 6, 4, True), (3, 2, 7, False)]
+
+
+@pytest.mark.parametrize("H,W,window,shifted", PADDED,
+                         ids=[f"{h}x{w}-window{s}-{'shifted' if t else 'regular'}"
+                              for h, w, s, t in PADDED])
+def test_padded_keys_get_exactly_zero_weight(H, W, window, shifted):
+    """Logits of -1e5 and below between real tokens and 0 for the padding keys (zeros: k = 0):
+    a finite padding mask such as Swin's -100 (or -1e4) would give the padding nearly all the
+    weight. The
+    window attention equals the per-token reference, which has no padding tokens at all, and its
+    gradient is finite (no row of the mask is all -inf)."""
+    blk = make_window_block(8, 2, window, shifted, seed=H * 100 + W)
+    C = 8
+    with torch.no_grad():
+        blk.attn.qkv.weight[:C].zero_()                         # q = 100 in every channel
+        blk.attn.qkv.bias[:C].fill_(100.)
+        blk.attn.qkv.weight[C:2 * C].fill_(-100.)               # k = -100 sum(x) in every channel
+        blk.attn.qkv.bias[C:2 * C].zero_()
+    x = (0.5 + torch.rand(2, H * W, C, generator=torch.Generator().manual_seed(H * W),
+                          dtype=torch.float64)).requires_grad_()     # sum(x) > 0: logits << 0
+    shift = window // 2 if shifted and min(H, W) > window else 0
+    case = f"[grid {H}x{W} window {window} shift {shift}, logits <= -1e5, dim 8, seed={H * W}]"
+    out = blk._window_attention(x, H, W)
+    with torch.no_grad():
+        expected = reference_window_attention(blk.attn, x, H, W, window, shift)
+    assert_close(out, expected, f"{case} window attention vs per-token reference", rtol=1e-10,
+                 atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all(), f"{case}: the gradient is not finite"
+
+
+def test_no_row_of_a_window_mask_is_all_minus_infinity():
+    """-inf for padding keys never leaves a query (real or padding) without a key: every window
+    holds a real token, so no softmax row is 0/0."""
+    for H in range(1, 13):
+        for W in range(1, 13):
+            for w in range(2, 6):
+                Hp, Wp = math.ceil(H / w) * w, math.ceil(W / w) * w
+                for shift in {0, w // 2 if min(H, W) > w else 0}:
+                    mask = fl._window_mask(Hp, Wp, H, W, w, shift, "cpu")
+                    rows = torch.isfinite(mask).any(-1)
+                    assert rows.all(), f"[grid {H}x{W} window {w} shift {shift}] " \
+                        f"{int((~rows).sum())} rows of the mask are all -inf"
 
 
 def test_masks_are_cached_per_grid_size(monkeypatch):
