@@ -1,5 +1,5 @@
-"""Shared fixtures (one_thread, untruncated_init) and the hypothesis profiles of the property tests
-(test_flatten.py).
+"""Shared fixtures (one_thread, untruncated_init), the hypothesis profiles of the property tests
+(test_flatten.py), and one thread per pytest-xdist worker.
 
 Pick one with the HYPOTHESIS_PROFILE environment variable (default "ci"):
   ci   derandomized: the same examples on every run and machine, no example database;
@@ -21,6 +21,12 @@ from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist (`pytest -n 2`, the README's command) each worker process runs tests on one
+# intra-op thread: two workers share two cores, where a thread pool per worker oversubscribes
+# them (a third slower in all).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 settings.register_profile("ci", max_examples=50, derandomize=True, database=None, deadline=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])

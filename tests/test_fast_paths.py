@@ -209,19 +209,26 @@ def test_set_fast_path_and_the_environment_variable():
     with pytest.raises(ValueError, match="auto, torch, off"):
         fl.set_fast_path("fast")
     assert fl.get_fast_path() == "auto"
-    code = "import flatten as fl; print(fl.get_fast_path())"
-    env = {**os.environ, "FLATTEN_FAST_PATH": "off"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    # FLATTEN_FAST_PATH is read at import: one process imports flatten afresh for each value
+    code = """
+import importlib, os, flatten
+for value in ("off", "fastest", " "):
+    os.environ["FLATTEN_FAST_PATH"] = value
+    importlib.reload(flatten)
+    try:
+        print(repr(value), flatten.get_fast_path())
+    except ValueError as err:
+        print(repr(value), "ValueError:", err)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
-    assert run.stdout.strip() == "off", run.stderr[-2000:]
-    env["FLATTEN_FAST_PATH"] = "fastest"   # a bad value: an error naming the variable at first use
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=120)
-    assert run.returncode != 0 and "FLATTEN_FAST_PATH must be one of auto, torch, off" in run.stderr
-    env["FLATTEN_FAST_PATH"] = " "   # empty: as if unset
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=120)
-    assert run.stdout.strip() == "auto", f"FLATTEN_FAST_PATH=' ': {run.stdout} {run.stderr[-2000:]}"
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 0 and len(lines) == 3, run.stderr[-2000:]
+    assert lines[0] == "'off' off", f"FLATTEN_FAST_PATH=off: {lines[0]}"
+    # a bad value: an error naming the variable at first use
+    assert lines[1].startswith("'fastest' ValueError: FLATTEN_FAST_PATH must be one of auto, "
+                               "torch, off"), f"FLATTEN_FAST_PATH=fastest: {lines[1]}"
+    assert lines[2] == "' ' auto", f"FLATTEN_FAST_PATH=' ' (empty: as if unset): {lines[2]}"
 
 
 def test_fast_path_restores_the_mode_before_it(monkeypatch):
