@@ -2930,7 +2930,10 @@ class _LinearAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, eps):
         kv = k.transpose(-2, -1) @ v                                    # (B, h, d, dv)
         ks = k.sum(dim=-2)                                              # (B, h, d)
-        r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_().unsqueeze(-1)
+        # a head whose features all underflow (q . ks = 0, a tiny eps) would get r = inf, and
+        # 0 * inf = NaN: r stays finite, and so 0 where q is 0, as the reference gives
+        r = torch.einsum("bhnd,bhd->bhn", q, ks).add_(eps).reciprocal_()
+        r = r.clamp_max_(torch.finfo(r.dtype).max).unsqueeze(-1)
         ctx.save_for_backward(q, k, v, kv, ks, r)
         B, h, N, _ = q.shape
         out = q.new_empty(B, N, h, v.shape[-1]).transpose(1, 2)          # heads merge for free
@@ -2942,7 +2945,7 @@ class _LinearAttention(torch.autograd.Function):
         q, k, v, kv, ks, r = ctx.saved_tensors
         g = g.to(q.dtype)
         G = torch.matmul(g, kv.transpose(-2, -1), out=torch.empty_like(q))   # (B, h, N, d)
-        gden = (q * G).sum(dim=-1, keepdim=True).mul_(r.square()).neg_()    # (B, h, N, 1)
+        gden = (q * G).sum(dim=-1, keepdim=True).mul_(r).mul_(r).neg_()     # (B, h, N, 1)
         gq = G.mul_(r).addcmul_(gden, ks.unsqueeze(-2))
         gkv = q.transpose(-2, -1) @ (g * r)                             # (B, h, d, dv)
         gks = torch.einsum("bhnd,bhn->bhd", q, gden.squeeze(-1))
@@ -3039,7 +3042,8 @@ def _forward_inference(layer: FocusedLinearAttention, x: torch.Tensor, H: int, W
     kv = k.transpose(-2, -1) @ vh                                    # (B, h, d, d)
     eps = 1e-6 * N if layer.normalizer == "mean" else 1e-6
     eps = cq.view(B, 1, N).reciprocal_().mul_(eps).div_(M)          # step 3
-    r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_().unsqueeze(-1)
+    r = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=-2)).add_(eps).reciprocal_()
+    r = r.clamp_max_(torch.finfo(r.dtype).max).unsqueeze(-1)       # finite: as _LinearAttention
     out = torch.matmul(q, kv, out=k)                                 # q KV into k's buffer
     dwc = layer._dwc(v[:, P:], H, W).view(B, N - P, h, d).transpose(1, 2)
     torch.addcmul(dwc, out[:, :, P:], r[:, :, P:], out=out[:, :, P:])   # step 4
@@ -3208,7 +3212,8 @@ if triton is not None:
         ks = tl.load(ks_ptr + (b * H + hh) * D_PAD + cols)
         eps = tl.load(eps_ptr + b)                                             # eps / M
         den = tl.sum(tp * ks[None, :], axis=1) + eps * norm_tp / (norm_t * m)   # eps / (c M)
-        out = tl.dot(tp, kv, input_precision="ieee") / den[:, None]
+        # den is 0 only where tp is (a head all underflowed): 0, not 0 / 0
+        out = tl.dot(tp, kv, input_precision="ieee") / tl.maximum(den, 1.1754944e-38)[:, None]
         # the DWC: grid tokens only (class tokens first), zero padding k // 2
         g = tok - PREFIX
         in_grid = rmask & (g >= 0)

@@ -156,6 +156,41 @@ def test_every_path_agrees_from_1e_minus_20_to_1e20(request, path):
                 assert_close(a, b, f"{what} d/d{name}", 0, 1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("path", ["reference", "train", "inference", "triton"])
+def test_a_head_that_underflows_gives_zeros_not_nan(request, path):
+    """Head 0's queries are ReLU's zeros (q's rows for it: weight 0, bias -1), so only the 1e-6
+    offset is left there; at inputs of 1e10 to 1e20 its t^p underflows to exactly 0 in float32
+    beside the live heads, and q . sum_j k_j = 0 in that head. Its output must be the float64
+    reference's (about 0: the eps dominates), not 0 * inf (a reciprocal of a vanishing eps); at
+    1e10 the training path's input gradient too."""
+    m = randomize(fl.FocusedLinearAttention(32, 16, 4, qkv_bias=True), seed=83, std=0.3)
+    with torch.no_grad():
+        m.q.weight[:8], m.q.bias[:8] = 0., -1.
+    m64 = copy.deepcopy(m).double()
+    x0 = seeded(2, 16, 32, seed=84)
+    if path == "triton":
+        device = request.getfixturevalue("triton_on_cpu")
+        m, x0 = m.to(device), x0.to(device)
+    grad = path == "train"
+    for s in (1e10, 1e17, 1e20):
+        what = f"[{path}, head 0 dead, input 2x16x32 seed=84 times {s:g}, float32]"
+        x = x0 * s
+        with fast_path("off"):
+            ref, ref_grads = outputs_and_gradients(lambda t: m64(t, 4, 4), m64,
+                                                   x.double().cpu(), grad)
+        with fast_path("off") if path == "reference" else contextlib.nullcontext():
+            with torch.set_grad_enabled(grad):
+                taken = m.forward_path(x.clone().requires_grad_(grad))
+            assert taken == path, f"{what} forward takes the {taken} path"
+            out, grads = outputs_and_gradients(lambda t: m(t, 4, 4), m, x, grad)
+        assert torch.isfinite(out).all(), f"{what} output not finite"
+        assert_close(out, ref, f"{what} output", 0, 1e-5 * ref.abs().max().item())
+        if grad and s < 1e16:  # beyond, the float32 reference's gradients overflow too
+            assert torch.isfinite(grads[0]).all(), f"{what} d/dx not finite"
+            assert_close(grads[0], ref_grads[0], f"{what} d/dx", 0,
+                         1e-4 * ref_grads[0].abs().max().item())
+
+
 # -----------------------------------------------------------------------------
 # Which path a call takes, and the switch
 
