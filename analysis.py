@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -201,11 +200,16 @@ def _problem(args) -> Optional[str]:
 
 
 def _available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (Linux), or None where unknown."""
+    """Bytes of memory available to a new allocation (Linux: MemAvailable, which counts the page
+    cache the kernel can drop), or None where unknown."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

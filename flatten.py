@@ -255,8 +255,8 @@ class FocusedLinearAttention2d(FocusedLinearAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"expected feature maps (B, {self.dim}, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected feature maps (B, {self.dim}, H, W), got {got}")
         H, W = x.shape[-2:]
         return _image(super().forward(_tokens(x), H, W), H, W)          # (B, C, H, W)
 
@@ -687,6 +687,7 @@ class L2ViTLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         P = self.num_prefix_tokens
         _check_tokens(x, H, W, P, self.dim)
+        _check_dtype(x, self.attn.qkv.weight, type(self).__name__)
         a = self.attn(x)
         lcm = _tokens(self.lcm(_image(self.lcm_norm(x[:, P:] + a[:, P:]), H, W)))
         return torch.cat([a[:, :P], a[:, P:] + lcm], dim=1) if P else a + lcm
@@ -924,10 +925,10 @@ class _Classifier(nn.Module):
 
 
 class _Pyramid(_Classifier):
-    """The API of the multi-stage backbones (PVT, Swin, CSwin) on their _stages(x), which yields
-    each stage's output tokens (B, H_i*W_i, C_i) with H_i, W_i, and on feature_info, one dict per
-    stage set by the family: num_chs (C_i), reduction (its stride in pixels) and module (the
-    module whose output is the stage's tokens), as timm lists them. Pooling: the mean over
+    """The API of the multi-stage backbones (PVT, Swin, CSwin, L2ViT) on their _stages(x), which
+    yields each stage's output tokens (B, H_i*W_i, C_i) with H_i, W_i, and on feature_info, one
+    dict per stage set by the family: num_chs (C_i), reduction (its stride in pixels) and module
+    (the module whose output is the stage's tokens), as timm lists them. Pooling: the mean over
     tokens."""
 
     final_norm = False  # forward_features ends with self.norm
@@ -1448,11 +1449,9 @@ class SwinBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 
     def _window_attention(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        B, _, C = x.shape
         w = self.window_size
         shift = w // 2 if self.shifted and min(H, W) > w else 0
         Hp, Wp = -(-H // w) * w, -(-W // w) * w
-        x = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
         mask = None
         if shift or (Hp, Wp) != (H, W):
             key = (Hp, Wp, H, W, shift, x.device)
@@ -1461,11 +1460,21 @@ class SwinBlock(nn.Module):
                 mask = _window_mask(Hp, Wp, H, W, w, shift, x.device)
                 if not _is_compiling() and type(mask) is torch.Tensor:  # not a tracer's tensor
                     self._masks[key] = mask
-        x = torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x
-        mask = None if mask is None else mask.to(x.dtype)
-        x = _unwindows(self.attn(_windows(x, w, w), mask), w, w, B, Hp, Wp)
-        x = torch.roll(x, (shift, shift), dims=(1, 2)) if shift else x
-        return x[:, :H, :W].reshape(B, H * W, C)
+            mask = mask.to(x.dtype)
+        return _in_windows(lambda t: self.attn(t, mask), x, H, W, w, shift)
+
+
+def _in_windows(fn, x: torch.Tensor, H: int, W: int, w: int, shift: int = 0) -> torch.Tensor:
+    """fn applied window by window: tokens (B, H*W, C) zero-padded right and bottom to multiples
+    of w, rolled by -shift (Swin's shifted windows), cut into w x w windows (B * windows, w*w, C)
+    for fn, put back, rolled back and cropped to (B, H*W, C)."""
+    B, _, C = x.shape
+    Hp, Wp = -(-H // w) * w, -(-W // w) * w
+    x = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+    x = torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x
+    x = _unwindows(fn(_windows(x, w, w)), w, w, B, Hp, Wp)
+    x = torch.roll(x, (shift, shift), dims=(1, 2)) if shift else x
+    return x[:, :H, :W].reshape(B, H * W, C)
 
 
 class PatchMerging(nn.Module):
@@ -1910,13 +1919,9 @@ class LWABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        B, _, C = x.shape
-        w = self.window_size
         s = self.cpe[0](x, H, W)
-        Hp, Wp = -(-H // w) * w, -(-W // w) * w
-        t = F.pad(self.norm1(s).view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))  # after norm1
-        t = _unwindows(self.attn(_windows(t, w, w)), w, w, B, Hp, Wp)[:, :H, :W]
-        x = self.cpe[1](s + self.drop_path(t.reshape(B, H * W, C)), H, W)
+        t = _in_windows(self.attn, self.norm1(s), H, W, self.window_size)  # padded after norm1
+        x = self.cpe[1](s + self.drop_path(t), H, W)
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 
 
@@ -2162,6 +2167,8 @@ def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = No
         raise ValueError(f"{name} has no config field {', '.join(bad)}; "
                          f"fields: {', '.join(sorted(known))}")
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    if use_ema and checkpoint is None:
+        raise ValueError("use_ema=True loads the EMA weights of a checkpoint: pass checkpoint=")
     model = _FAMILIES[cfg_cls](cfg_cls(**{**base, **tuples}))
     model.pretrained_cfg = pretrained_cfg(name)
     if checkpoint is not None:
@@ -2247,11 +2254,18 @@ def pretrained_cfg(name: str) -> dict:
     if name in PRETRAINED_CFGS:
         return dict(PRETRAINED_CFGS[name])
     cfg_cls, base = MODELS[name]
-    return _default_eval_cfg(cfg_cls(**base).img_size)
+    return _default_eval_cfg(cfg_cls(**base))
 
 
-def _default_eval_cfg(img_size) -> dict:
-    return dict(_eval_cfg(), input_size=(3, *_to_2tuple(img_size, "img_size")))
+def _default_eval_cfg(cfg) -> dict:
+    """The official pipeline of a model config's family at its img_size: FLatten's warp and
+    crop (_eval_cfg's defaults); L2ViT's short side and centre crop, or from 384 up its warp to
+    the size (PRETRAINED_CFGS' L2ViT rows)."""
+    h, w = _to_2tuple(cfg.img_size, "img_size")
+    family = {}
+    if isinstance(cfg, L2ViTConfig):
+        family = dict(crop_pct=1.0) if max(h, w) >= 384 else dict(crop_mode="center")
+    return dict(_eval_cfg(**family), input_size=(3, h, w))
 
 
 def eval_transform(model_or_name_or_cfg: Union[nn.Module, str, dict],
@@ -2273,7 +2287,7 @@ def eval_transform(model_or_name_or_cfg: Union[nn.Module, str, dict],
     elif isinstance(src, nn.Module) and hasattr(src, "pretrained_cfg"):
         cfg = src.pretrained_cfg
     elif isinstance(src, nn.Module) and hasattr(getattr(src, "cfg", None), "img_size"):
-        cfg = _default_eval_cfg(src.cfg.img_size)
+        cfg = _default_eval_cfg(src.cfg)
     else:
         raise ValueError("eval_transform takes a model of this file, a registered name or a cfg "
                          f"dict, got {type(src).__name__}")

@@ -4,8 +4,9 @@
                            normalizer="sum")
 
 Each entry point is flatten.create_model(name, checkpoint=None, **overrides): checkpoint is the
-path of a released official file (or any state dict), loaded strictly; overrides replace config
-fields (img_size, num_classes, normalizer, ...). torch.hub.list("<owner>/<repo>") lists them.
+path of a released official file (or any state dict), loaded strictly (use_ema=True: its EMA
+weights); overrides replace config fields (img_size, num_classes, normalizer, ...).
+torch.hub.list("<owner>/<repo>") lists them.
 """
 
 import flatten as _flatten

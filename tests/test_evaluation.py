@@ -140,6 +140,10 @@ def test_l2vit_evaluation_settings():
                cfg["interpolation"], cfg["mean"], cfg["std"], cfg["released"])
         assert got == (row, (3, size, size), mode, pct, "bicubic", MEAN, STD, True), \
             f"[{name}] {cfg}"
+        # a model built from its class (no pretrained_cfg) gets its family's pipeline too
+        built = fl.L2ViT(fl.L2ViTConfig(img_size=size, dims=(16, 32, 64, 128),
+                                        depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)))
+        assert fl.eval_transform(built) == fl.eval_transform(name), f"[{name}] class-built"
 
 
 @pytest.mark.parametrize("case", list(CASES))

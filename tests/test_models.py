@@ -679,6 +679,12 @@ BAD_INPUT = [
         torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8), r"SoftmaxAttention has torch.float32"),
     ("dtype-vanilla", lambda: fl.VanillaLinearAttention(32, 2)(
         torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8), r"VanillaLinearAttention has torch"),
+    ("dtype-l2vit", lambda: fl.L2ViTLinearAttention(32, 2)(
+        torch.zeros(2, 64, 32, dtype=torch.float64), 8, 8), r"L2ViTLinearAttention has torch"),
+    ("use_ema-without-checkpoint", lambda: fl.create_model("flatten_pvt_tiny", use_ema=True),
+     r"use_ema=True loads the EMA weights of a checkpoint: pass checkpoint="),
+    ("2d-not-a-tensor", lambda: fl.FocusedLinearAttention2d(32, 64, 2)([1, 2]),
+     r"expected feature maps \(B, 32, H, W\), got list"),
     ("unknown-model", lambda: fl.create_model("flatten_pvt_huge"), r"unknown model"),
     ("unknown-field", lambda: fl.create_model("flatten_pvt_tiny", embed_dim=3),
      r"no config field embed_dim"),
