@@ -26,7 +26,9 @@ Nothing runs or prints at import or construction.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
+import importlib
 import math
 import numbers
 import os
@@ -300,7 +302,8 @@ def _autocast_off(device_type: str):
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int (torch.export's symbolic sizes included), not a bool."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 def _check_focusing_factor(p) -> float:
@@ -884,7 +887,8 @@ def _check_image(x: torch.Tensor, model: nn.Module, min_hw: Tuple[int, int]) -> 
                          f"(shape {tuple(x.shape)})")
     if x.shape[2] < min_hw[0] or x.shape[3] < min_hw[1]:
         raise ValueError(f"{name} needs images of at least {min_hw[0]}x{min_hw[1]} pixels "
-                         f"(one token after its last downsampling), got {x.shape[2]}x{x.shape[3]}")
+                         f"(the smallest its downsampling and spatial reductions take), got "
+                         f"{x.shape[2]}x{x.shape[3]}")
     if not x.is_floating_point():
         raise ValueError(f"{name} expects floating-point images, got {x.dtype}")
     _check_dtype(x, next(model.parameters()), name, "the images are", "model")
@@ -1152,13 +1156,16 @@ class PyramidVisionTransformer(_Pyramid):
         self._min_size = self._smallest_input()
 
     def _smallest_input(self) -> Tuple[int, int]:
-        """The smallest image (per side) that leaves one token in the last stage."""
-        side = 1
+        """The smallest image (per side) that leaves one token in the last stage and, in every
+        stage with blocks, at least sr_ratio tokens per side to reduce."""
+        cfg, side = self.cfg, 1
         while True:
-            s = side
-            for i in range(1, 5):
-                s = getattr(self, f"patch_embed{i}").out_size(s, s)[0]
-            if s >= 1:
+            s, fits = side, True
+            for i in range(4):
+                s = getattr(self, f"patch_embed{i + 1}").out_size(s, s)[0]
+                sr = (cfg.la_sr_ratios if cfg.attn_type[i] == "L" else cfg.sr_ratios)[i]
+                fits = fits and s >= 1 and (s >= sr or not cfg.depths[i])
+            if fits:
                 return side, side
             side += 1
 
@@ -2136,6 +2143,12 @@ _FAMILIES = {PVTConfig: PyramidVisionTransformer, DeiTConfig: VisionTransformer,
              SwinConfig: SwinTransformer, CSwinConfig: CSwinTransformer, L2ViTConfig: L2ViT}
 
 
+def _unknown_model(name) -> str:
+    close = difflib.get_close_matches(str(name).lower(), MODELS, n=3)
+    return (f"unknown model {name!r}; " + (f"did you mean {', '.join(close)}? " if close else "")
+            + f"known models: {', '.join(list_models())}")
+
+
 def list_models(pattern: str = "") -> List[str]:
     """Names create_model knows, sorted, or those `pattern` selects: with a wildcard (*, ? or
     [...]) the names it matches whole, as timm's list_models ("*swin*", "flatten_swin_*");
@@ -2159,12 +2172,13 @@ def create_model(name: str, checkpoint: Union[None, str, os.PathLike, dict] = No
     create_model("flatten_pvt_tiny", checkpoint=path, normalizer="sum").
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise ValueError(_unknown_model(name))
     cfg_cls, base = MODELS[name]
     known = {f.name for f in fields(cfg_cls)}
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"{name} has no config field {', '.join(bad)}; "
+        hint = " (weights: checkpoint=path)" if "pretrained" in bad else ""
+        raise ValueError(f"{name} has no config field {', '.join(bad)}{hint}; "
                          f"fields: {', '.join(sorted(known))}")
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     if use_ema and checkpoint is None:
@@ -2250,7 +2264,7 @@ def pretrained_cfg(name: str) -> dict:
     the official row they come from (official_name, official_config: None for names without
     one) and whether its weights were released. create_model sets it as model.pretrained_cfg."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise ValueError(_unknown_model(name))
     if name in PRETRAINED_CFGS:
         return dict(PRETRAINED_CFGS[name])
     cfg_cls, base = MODELS[name]
@@ -2396,6 +2410,11 @@ __all__ += ["load_pretrained", "checkpoint_filter_fn"]
 _STDLIB_DATA_CLASSES = {"argparse.Namespace", "pathlib.PosixPath", "pathlib.WindowsPath",
                         "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "datetime.datetime",
                         "datetime.date", "datetime.timedelta"}
+# numpy's scalars and arrays (a max_accuracy of np.float64, a saved RNG state): loaded as the
+# numpy objects they are, through the globals torch's documentation allows for them under
+# weights_only=True (numpy is there whenever a file holds them: it was saved with it).
+_NUMPY_DATA = re.compile(r"numpy\.(ndarray|dtype|dtypes\.\w+DType|"
+                         r"_?core\.multiarray\.(_reconstruct|scalar))$")
 _STDLIB = set(getattr(sys, "stdlib_module_names", ())) or {
     "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "socket", "importlib",
     "runpy", "pickle", "marshal", "code", "ctypes", "functools", "operator", "types", "io"}
@@ -2428,7 +2447,23 @@ def _stand_ins(names) -> contextlib.AbstractContextManager:
                          f"which this torch ({torch.__version__}) cannot read around safely: "
                          "upgrade to torch >= 2.5, or re-save the weights alone from a trusted "
                          "copy: torch.save(torch.load(path, weights_only=False)['model'], ...)")
-    return torch.serialization.safe_globals([_inert_class(n) for n in sorted(names)])
+    allowed = [_numpy_global(n) if _NUMPY_DATA.match(n) else _inert_class(n)
+               for n in sorted(names)]
+    if any(_NUMPY_DATA.match(n) for n in names):  # a dtype unpickles as its class, unnamed
+        with contextlib.suppress(ImportError):
+            dtypes = importlib.import_module("numpy.dtypes")
+            allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return torch.serialization.safe_globals(allowed)
+
+
+def _numpy_global(qualified: str):
+    """The numpy object a checkpoint names (a _NUMPY_DATA global), or an inert stand-in where
+    numpy is missing."""
+    module, _, name = qualified.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return _inert_class(qualified)
 
 
 def _torch_load(path: Union[str, os.PathLike]) -> object:
@@ -2512,7 +2547,8 @@ def _unwrap(checkpoint, source: str = "checkpoint",
             use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The state dict inside a checkpoint: under the first of _WEIGHTS_KEYS it holds (the key
     order of the file does not matter), or under the first of _EMA_KEYS with use_ema, or the
-    checkpoint itself; tensors only, a 'module.' prefix (DistributedDataParallel) dropped."""
+    checkpoint itself; tensors only, the prefixes of DistributedDataParallel and torch.compile
+    dropped."""
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{source} holds a {type(checkpoint).__name__}; expected a state dict "
                          "(a dict of tensors) or a dict holding one under "
@@ -2529,8 +2565,10 @@ def _unwrap(checkpoint, source: str = "checkpoint",
     if not sd:
         raise ValueError(f"no tensors found in {source} (top-level keys: "
                          f"{sorted(map(str, checkpoint))[:10]})")
-    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # saved from DistributedDataParallel ('module.') or a torch.compile'd model ('_orig_mod.')
+    for prefix in ("_orig_mod.", "module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
@@ -2600,8 +2638,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     if isinstance(model, SwinTransformer):
         state_dict = _from_official_swin(state_dict, own)
     head = [k for k in own if k.startswith("head.")]
-    if any(k in state_dict and state_dict[k].shape != own[k].shape for k in head) or \
-            (not head and any(k.startswith("head.") for k in state_dict)):
+    if _other_head(state_dict, own):
         # another num_classes: keep the model's own (freshly initialised) classifier
         state_dict = {**{k: v for k, v in state_dict.items() if not k.startswith("head.")},
                       **{k: own[k] for k in head}}
@@ -2620,6 +2657,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
                                   _square_grid(target.shape[0], key))[0]
         out[key] = value
     return out
+
+
+def _other_head(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's classifier has another shape than the model's (another
+    num_classes, or a model without one)."""
+    head = [k for k in own if k.startswith("head.")]
+    return any(k in state_dict and state_dict[k].shape != own[k].shape for k in head) or \
+        (not head and any(k.startswith("head.") for k in state_dict))
 
 
 def _from_official_swin(state_dict: Dict[str, torch.Tensor],
@@ -2685,8 +2730,9 @@ def _load_pretrained(model: nn.Module, checkpoint, strict: bool, use_ema: bool =
         source = str(checkpoint)
         checkpoint = _torch_load(checkpoint)
     _warn_released_with_mean(checkpoint, model, source)
-    sd = checkpoint_filter_fn(_unwrap(checkpoint, source, use_ema), model)
+    raw = _unwrap(checkpoint, source, use_ema)
     own = model.state_dict()
+    sd = checkpoint_filter_fn(raw, model)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
@@ -2706,6 +2752,13 @@ def _load_pretrained(model: nn.Module, checkpoint, strict: bool, use_ema: bool =
                       UserWarning, stacklevel=3)
         for k in shapes:
             del sd[k]
+    if _other_head(raw, own):
+        classes = raw["head.weight"].shape[0] if "head.weight" in raw else "?"
+        warnings.warn(f"the classifier of {source} ({classes} classes) does not fit "
+                      f"{type(model).__name__}'s (num_classes={model.num_classes}): the model "
+                      "keeps its own, freshly initialised (to fine-tune; to load the "
+                      f"checkpoint's, build the model with num_classes={classes})", UserWarning,
+                      stacklevel=3)
     return model.load_state_dict(sd, strict=strict)
 
 

@@ -441,7 +441,9 @@ def test_22k_pretrain_head_loads_into_21841_classes_and_is_kept_otherwise(fixtur
     assert same_weights(m, {**body, **head}), "[22k file into num_classes=21841] weights differ"
     m = fl.create_model("l2vit_tiny", **{**MICRO, "num_classes": 1000})
     own = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("head.")}
-    fl.load_pretrained(m, path)
+    with pytest.warns(UserWarning, match=r"\(21841 classes\) does not fit L2ViT's "
+                                         r"\(num_classes=1000\): the model keeps its own"):
+        fl.load_pretrained(m, path)
     assert same_weights(m, {**body, **own}), \
         "[22k file into num_classes=1000] the body should load and the model's head stay"
     with pytest.raises(ValueError, match=r"use_ema=True but .* holds no EMA weights"):

@@ -329,7 +329,9 @@ def test_containers_and_prefixes():
     sd = src.state_dict()
     containers = {"model": {"model": sd}, "state_dict": {"state_dict": sd},
                   "model_ema": {"model_ema": sd}, "bare": sd,
-                  "module.-prefix": {"model": {f"module.{k}": v for k, v in sd.items()}}}
+                  "module.-prefix": {"model": {f"module.{k}": v for k, v in sd.items()}},
+                  "_orig_mod.-prefix": {f"_orig_mod.{k}": v for k, v in sd.items()},
+                  "compiled DDP": {f"_orig_mod.module.{k}": v for k, v in sd.items()}}
     for what, ckpt in containers.items():
         m = fl.create_model("flatten_pvt_v2_b0", num_classes=5, depths=(1, 1, 1, 1))
         fl.load_pretrained(m, ckpt)
@@ -375,7 +377,10 @@ def test_head_kept_for_another_num_classes(num_classes):
     src = randomize(fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1)))
     m = fl.create_model("flatten_pvt_v2_b0", depths=(1, 1, 1, 1), num_classes=num_classes)
     own_head = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("head.")}
-    fl.load_pretrained(m, src.state_dict())
+    with pytest.warns(UserWarning, match=rf"classifier of the checkpoint dict \(1000 classes\) "
+                      rf"does not fit PyramidVisionTransformer's \(num_classes={num_classes}\): "
+                      r"the model keeps its own"):
+        fl.load_pretrained(m, src.state_dict())
     loaded = m.state_dict()
     case = f"[1000-class checkpoint into num_classes={num_classes}]"
     assert all(torch.equal(loaded[k], v) for k, v in own_head.items()), f"{case}: head replaced"
@@ -529,6 +534,7 @@ def test_strict_false_with_a_checkpoint_of_another_model_stays_short():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fl.load_pretrained(m, sd, strict=False)
+    caught = [w for w in caught if "strict=False" in str(w.message)]
     msg = str(caught[0].message)
     assert len(caught) == 1 and "more" in msg and len(msg) < 3000, \
         f"[flatten_pvt_tiny into flatten_swin_tiny, strict=False]: {len(msg)} characters"
@@ -551,3 +557,21 @@ def test_pickled_module_says_to_save_the_state_dict(tmp_path, what):
     msg = str(err.value)
     assert "pickled module" in msg and "model.state_dict()" in msg and str(path) in msg, \
         f"[torch.save of a {what}]: {msg}"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_numpy_objects_beside_the_weights_load(tmp_path, fmt):
+    """A numpy scalar (a best accuracy), an array and numpy's RNG state next to the weights: read as
+    the numpy objects they are (torch's allowlist for them), not refused as 'not a checkpoint';
+    an object array holding a function is still refused."""
+    np = pytest.importorskip("numpy")
+    raw, _ = two_weight_sets()
+    path = tmp_path / "with_numpy.pth"
+    torch.save({"model": raw, "best_acc1": np.float64(77.8), "hist": np.arange(3),
+                "rng": np.random.get_state()}, path,
+               _use_new_zipfile_serialization=FORMATS[fmt])
+    assert same_weights(loaded_from(path), raw), f"[{fmt} file with numpy objects]"
+    torch.save({"model": raw, "hooks": np.array([os.system], dtype=object)}, path,
+               _use_new_zipfile_serialization=FORMATS[fmt])
+    with pytest.raises(ValueError, match=r"refused to load .*(os|posix)\.system"):
+        loaded_from(path)

@@ -686,6 +686,12 @@ BAD_INPUT = [
     ("2d-not-a-tensor", lambda: fl.FocusedLinearAttention2d(32, 64, 2)([1, 2]),
      r"expected feature maps \(B, 32, H, W\), got list"),
     ("unknown-model", lambda: fl.create_model("flatten_pvt_huge"), r"unknown model"),
+    ("typo-model", lambda: fl.create_model("flatten_pvt_tinny"),
+     r"unknown model 'flatten_pvt_tinny'; did you mean flatten_pvt_tiny"),
+    ("pretrained", lambda: fl.create_model("flatten_pvt_tiny", pretrained=True),
+     r"no config field pretrained \(weights: checkpoint=path\)"),
+    ("softmax-pvt-below-its-reduction", lambda: fl.create_model("pvt_v2_b0", depths=(1, 1, 1, 1))(
+        torch.zeros(1, 3, 16, 16)), r"at least 29x29 pixels"),
     ("unknown-field", lambda: fl.create_model("flatten_pvt_tiny", embed_dim=3),
      r"no config field embed_dim"),
 ] + [
