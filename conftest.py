@@ -1,5 +1,5 @@
-"""Shared fixtures (one_thread, untruncated_init), the hypothesis profiles of the property tests
-(test_flatten.py), and one thread per pytest-xdist worker.
+"""Shared fixtures (one_thread, fresh_dynamo, untruncated_init), the hypothesis profiles of the
+property tests (test_flatten.py), and one thread per pytest-xdist worker.
 
 Pick one with the HYPOTHESIS_PROFILE environment variable (default "ci"):
   ci   derandomized: the same examples on every run and machine, no example database;
@@ -46,6 +46,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch._dynamo's caches emptied before and after the test: its torch.compile does not
+    inherit what another test compiled (a code object compiled before at other sizes recompiles
+    with dynamic sizes: several times the tracing, and other graphs than the test expects)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import flatten as fl
 from flatten import fast_path  # noqa: F401 - the tests' way to switch paths
@@ -15,6 +16,17 @@ ROOT = Path(__file__).parent.parent
 DATA = Path(__file__).parent / "data"
 # the tolerance the official fixtures in tests/data are made for (float32 outputs)
 RTOL, ATOL = 1e-4, 1e-5
+
+
+def gmacs(model: torch.nn.Module, img: int) -> tuple:
+    """Forward GMACs at 1 x 3 x img x img by torch's flop counter, with the FLOPs by op (for the
+    failure message). The model is built on the meta device (shapes without data: a full-size
+    model in a second)."""
+    x = torch.empty(1, 3, img, img, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops() / 2 / 1e9, by_op
 
 
 def load_fixture(name: str) -> dict:

@@ -102,6 +102,7 @@ def test_every_path_equals_the_reference(request, path, case, dtype):
     with fast_path("off"):
         ref, ref_grads = outputs_and_gradients(lambda t: m(t, H, W), m, x, grad)
     if path == "compile":
+        request.getfixturevalue("fresh_dynamo")
         fn = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
     else:
         with torch.set_grad_enabled(grad):
@@ -163,7 +164,8 @@ def test_a_head_that_underflows_gives_zeros_not_nan(request, path):
     beside the live heads, and q . sum_j k_j = 0 in that head. Its output must be the float64
     reference's (about 0: the eps dominates), not 0 * inf (a reciprocal of a vanishing eps); at
     1e10 the training path's input gradient too."""
-    m = randomize(fl.FocusedLinearAttention(32, 16, 4, qkv_bias=True), seed=83, std=0.3)
+    m = randomize(fl.FocusedLinearAttention(32, 16, 4, qkv_bias=True, kernel_size=3), seed=83,
+                  std=0.3)
     with torch.no_grad():
         m.q.weight[:8], m.q.bias[:8] = 0., -1.
     m64 = copy.deepcopy(m).double()
@@ -667,11 +669,11 @@ def compile_for_sm90(kernel, dtype, warps, **constexprs):
     src = ASTSource(kernel, sig, constexprs=where)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
-for dtype, d, d_pad, p_int, warps in [("fp32", 64, 64, 3, 8), ("bf16", 64, 64, 0, 8),
-                                      ("fp16", 24, 32, 2, 4)]:
+# the DWC's taps unroll (KS x KS): KS = 5 once, 3 (half the compile time) for the other
+for dtype, d, d_pad, p_int, warps, ks in [("fp32", 64, 64, 3, 8, 5), ("bf16", 24, 32, 0, 4, 3)]:
     common = dict(H=3, D=d, D_PAD=d_pad, P_INT=p_int, BLOCK_N=64)
     compile_for_sm90(fl._flatten_keys_kernel, dtype, warps, **common)
-    compile_for_sm90(fl._flatten_queries_kernel, dtype, warps, KS=5, **common)
+    compile_for_sm90(fl._flatten_queries_kernel, dtype, warps, KS=ks, **common)
     print("compiled", dtype, d, p_int, flush=True)
 """
 
@@ -679,9 +681,11 @@ for dtype, d, d_pad, p_int, warps in [("fp32", 64, 64, 3, 8), ("bf16", 64, 64, 0
 @pytest.mark.slow
 def test_triton_kernels_compile_for_an_sm90_gpu(tmp_path):
     """No GPU needed: Triton compiles both kernels ahead of time, down to a cubin through its own
-    ptxas, for an H100 / H200 (sm_90), in a process without the interpreter (float32, bfloat16
-    with a non-integer p, float16 with a padded head dim and p = 2). Catches what only the
-    compiler rejects (tl.dot's shapes and precision, loop-carried types, constexpr branches)."""
+    ptxas, for an H100 / H200 (sm_90), in a process without the interpreter: float32 with an
+    integer p, and bfloat16 with a non-integer p and a padded head dim (the kernels compute in
+    float32 whatever the layer's dtype: float16 differs from bfloat16 in their loads and stores
+    only). Catches what only the compiler rejects (tl.dot's shapes and precision, loop-carried
+    types, constexpr branches)."""
     if fl.triton is None:
         pytest.skip("Triton is not installed (pip install triton)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -689,4 +693,4 @@ def test_triton_kernels_compile_for_an_sm90_gpu(tmp_path):
     res = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("compiled") == 3, res.stdout
+    assert res.stdout.count("compiled") == 2, res.stdout

@@ -23,8 +23,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from common import DATA, ROOT, assert_close, official_micro, seeded
-from torch.utils.flop_counter import FlopCounterMode
+from common import DATA, ROOT, assert_close, gmacs, official_micro, seeded
 
 import bench
 import flatten as fl
@@ -152,15 +151,6 @@ MANIFESTS = {"tiny": ("l2vit_tiny", 1000), "small": ("l2vit_small", 1000),
 
 def read_manifest(size):
     return json.loads((DATA / f"manifest_l2vit_{size}.json").read_text())
-
-
-def gmacs(model, img):
-    """Forward GMACs at 1 x 3 x img x img by the flop counter, on the meta device (shapes only)."""
-    x = torch.empty(1, 3, img, img, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(x)
-    by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
-    return counter.get_total_flops() / 2 / 1e9, by_op
 
 
 @pytest.mark.parametrize("size", list(MANIFESTS))
