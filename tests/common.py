@@ -3,6 +3,7 @@
 The test files import them with `from common import ...` (pytest.ini puts tests/ on sys.path).
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,6 +28,22 @@ def gmacs(model: torch.nn.Module, img: int) -> tuple:
         model.eval()(x)
     by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops() / 2 / 1e9, by_op
+
+
+def check_manifest(model: torch.nn.Module, man: dict, case: str, img: int) -> None:
+    """An official manifest (its state_dict as (key, shape, dtype) rows) against a model built on
+    the meta device: every key and shape loads strictly, the parameter count and the GMACs at
+    1 x 3 x img x img are exactly the official ones."""
+    official = {key: torch.zeros(shape, dtype=getattr(torch, dtype.rpartition(".")[2]),
+                                 device="meta") for key, shape, dtype in man["state_dict"]}
+    fl.load_pretrained(model, official)  # strict: raises on any missing, unexpected or reshaped key
+    ours = sum(p.numel() for p in model.parameters())
+    assert ours == man["num_parameters"], \
+        f"{case}: {ours:,} parameters, official {man['num_parameters']:,}"
+    ours_gmacs, by_op = gmacs(model, img)
+    assert math.isclose(ours_gmacs, man[f"gmacs_{img}"], rel_tol=1e-9), \
+        f"{case} at 1x3x{img}x{img}: {ours_gmacs!r} GMACs, official {man[f'gmacs_{img}']!r} " \
+        f"(our FLOPs by op {by_op}, official {man[f'flops_{img}']})"
 
 
 def load_fixture(name: str) -> dict:

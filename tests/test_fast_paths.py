@@ -122,6 +122,15 @@ def test_every_path_equals_the_reference(request, path, case, dtype):
 SCALES = [10.0 ** e for e in range(-20, 21, 10)]
 
 
+def on_path(request, path, m, x):
+    """(m, its float64 copy on the CPU, x): on the Triton interpreter's device for "triton"."""
+    m64 = copy.deepcopy(m).double()
+    if path == "triton":
+        device = request.getfixturevalue("triton_on_cpu")
+        m, x = m.to(device), x.to(device)
+    return m, m64, x
+
+
 @pytest.mark.parametrize("path", ["reference", "train", "inference", "triton"])
 def test_every_path_agrees_from_1e_minus_20_to_1e20(request, path):
     """Inputs scaled by 1e-20 to 1e20 in float32: the output within 1e-5 of its largest entry of
@@ -133,11 +142,7 @@ def test_every_path_agrees_from_1e_minus_20_to_1e20(request, path):
     attention the queries and keys by their largest entries."""
     m = randomize(fl.FocusedLinearAttention(32, 16, 2, qkv_bias=True, num_prefix_tokens=1),
                   seed=81, std=0.3)
-    m64 = copy.deepcopy(m).double()
-    x0 = seeded(2, 17, 32, seed=82)
-    if path == "triton":
-        device = request.getfixturevalue("triton_on_cpu")
-        m, x0 = m.to(device), x0.to(device)
+    m, m64, x0 = on_path(request, path, m, seeded(2, 17, 32, seed=82))
     grad = path == "train"
     for s in SCALES if path != "triton" else SCALES[::2]:  # the interpreter: 1e-20, 1, 1e20
         what = f"[{path}, input 2x17x32 seed=82 times {s:g}, float32]"
@@ -168,11 +173,7 @@ def test_a_head_that_underflows_gives_zeros_not_nan(request, path):
                   std=0.3)
     with torch.no_grad():
         m.q.weight[:8], m.q.bias[:8] = 0., -1.
-    m64 = copy.deepcopy(m).double()
-    x0 = seeded(2, 16, 32, seed=84)
-    if path == "triton":
-        device = request.getfixturevalue("triton_on_cpu")
-        m, x0 = m.to(device), x0.to(device)
+    m, m64, x0 = on_path(request, path, m, seeded(2, 16, 32, seed=84))
     grad = path == "train"
     for s in (1e10, 1e17, 1e20):
         what = f"[{path}, head 0 dead, input 2x16x32 seed=84 times {s:g}, float32]"

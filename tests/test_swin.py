@@ -20,9 +20,9 @@ from common import (
     DATA,
     RTOL,
     assert_close,
+    check_manifest,
     check_odd_size,
     fast_path,
-    gmacs,
     load_fixture,
     official_micro,
     randomize,
@@ -161,17 +161,7 @@ def test_official_manifest_loads_with_exact_parameters_and_gmacs(size):
     assert name == f"flatten_swin_{size}", f"[manifest {size}] names model {name!r}"
     with torch.device("meta"):
         m = fl.create_model(name)
-    official = {key: torch.zeros(shape, dtype=getattr(torch, dtype.rpartition(".")[2]),
-                                 device="meta") for key, shape, dtype in man["state_dict"]}
-    fl.load_pretrained(m, official)  # strict: raises on any missing, unexpected or reshaped key
-    ours = sum(p.numel() for p in m.parameters())
-    assert ours == man["num_parameters"], \
-        f"[{name}] {ours:,} parameters, official {man['num_parameters']:,}"
-    img = man["config"]["img_size"]
-    ours_gmacs, by_op = gmacs(m, img)
-    assert math.isclose(ours_gmacs, man[f"gmacs_{img}"], rel_tol=1e-9), \
-        f"[{name} at 1x3x{img}x{img}] {ours_gmacs!r} GMACs, official {man[f'gmacs_{img}']!r} " \
-        f"(our FLOPs by op {by_op}, official {man[f'flops_{img}']})"
+    check_manifest(m, man, f"[{name}]", man["config"]["img_size"])
 
 
 def test_softmax_swin_tiny_has_the_standard_parameter_count(untruncated_init):
