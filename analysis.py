@@ -42,7 +42,6 @@ The DWC row entropy is of |A + M_c| and mostly says how much weight the conv's 2
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -50,6 +49,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import bench  # its one-line argument errors and its reading of the free memory
 import flatten as fl
 
 # -----------------------------------------------------------------------------
@@ -170,13 +170,6 @@ def analyse(grid: Tuple[int, int] = (14, 14), num_heads: int = 3, head_dim: int 
             _stats("focused linear", focused), _stats("focused linear + DWC", with_dwc)]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit status 2, as bench.py's."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _problem(args) -> Optional[str]:
     """What is wrong with the parsed flags, in one line, or None."""
     H, W = args.grid
@@ -191,29 +184,16 @@ def _problem(args) -> Optional[str]:
         return f"--kernel-size {args.kernel_size}: expected an odd positive whole number"
     # the largest map, focused linear + DWC, holds heads * head_dim * N^2 float64 numbers
     need = args.heads * args.head_dim * (H * W) ** 2 * 8
-    free = _available_memory()
-    if free is not None and need > free / 2:
+    free = bench.free_memory(torch.device("cpu"))  # half of what the system has available
+    if free is not None and need > free:
         return (f"--grid {H} {W}: the maps would need about {need / 2**30:.1f} GiB (heads x "
                 f"head dim x N^2 float64 numbers, N = {H * W}), more than half the "
-                f"{free / 2**30:.1f} GiB available; take a smaller grid")
-    return None
-
-
-def _available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (Linux: MemAvailable, which counts the page
-    cache the kernel can drop), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+                f"{2 * free / 2**30:.1f} GiB available; take a smaller grid")
     return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = _Parser(prog="analysis.py", description=__doc__.split("\n")[0])
+    ap = bench._Parser(prog="analysis.py", description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=int, nargs=2, default=(14, 14), metavar=("H", "W"))
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)

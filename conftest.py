@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Under pytest-xdist (`pytest -n 2`, the README's command) each worker process runs tests on one
-# intra-op thread: two workers share two cores, where a thread pool per worker oversubscribes
-# them (a third slower in all).
+# intra-op thread: two workers share two cores, where a thread pool per worker would
+# oversubscribe them.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 

@@ -231,3 +231,16 @@ def test_no_unused_parameters(name, kw):
     m(seeded(2, 3, 64, 64)).square().sum().backward()
     unused = [n for n, p in m.named_parameters() if p.grad is None]
     assert not unused, f"[{name} input 2x3x64x64 seed=0] parameters without a gradient: {unused}"
+
+
+def test_official_formulation_overflows_where_ours_does_not():
+    """README, differences: the official q K^T V overflows float32 for large inputs (the small
+    layer of the magnitude tests: finite at 1e11, not from 1e12), where ours stays finite."""
+    m = randomize(fl.FocusedLinearAttention(32, 16, 2, qkv_bias=True), seed=81, std=0.3).eval()
+    x = seeded(2, 16, 32, seed=82)
+    with torch.no_grad():
+        for s, finite in ((1e11, True), (1e12, False)):
+            official = fl.official_forward(m, x * s, 4, 4)
+            assert bool(torch.isfinite(official).all()) == finite, \
+                f"[2x16x32 seed=82 times {s:g}] official output finite: {not finite}"
+            assert torch.isfinite(m(x * s, 4, 4)).all(), f"[times {s:g}] ours not finite"
