@@ -241,6 +241,18 @@ def test_key_padding_mask_equals_the_explicit_matrix_of_the_real_keys(normalizer
         f"[{normalizer}, seed=11] a padding key or value gets a gradient"
 
 
+def test_key_padding_mask_of_one_row_applies_to_every_sample():
+    """A (1, n) mask broadcasts over the batch, as (B, h) do: two samples whose last 3 of 7 keys
+    are padding give what their first 4 keys alone give (no mask at all)."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = fl.focus(randn(g, 2, 2, 5, 3), 3.0), fl.focus(randn(g, 2, 2, 7, 3), 3.0), \
+        randn(g, 2, 2, 7, 4)
+    mask = (torch.arange(7) >= 4)[None]                                         # (1, 7)
+    out = fl.linear_attention(q, k, v, key_padding_mask=mask)
+    ref = fl.linear_attention(q, k[:, :, :4], v[:, :, :4])
+    assert_close(out, ref, "[B=2, mask (1, 7): 4 real keys, seed=12]", 1e-12, 1e-13)
+
+
 @given(case=cases(max_sr=3, prefix=True), with_dwc=st.booleans())
 @example(case=TRICKY, with_dwc=True)
 @example(case=TRICKY_SR, with_dwc=True)

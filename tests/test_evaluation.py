@@ -119,6 +119,8 @@ CASES = {
     # "center" (timm's default, L2ViT's 224): the short side to 256, the long one to
     # int(256 * 411 / 301) = 349, crop left round(62.5) = 62 (round half to even, torchvision)
     "L2ViT-T 224": ("l2vit_tiny", (301, 411), (256, 349), (16, 62, 224, 224)),
+    # int(256 * 412 / 300) = 351, crop left round(63.5) = 64 (a half rounded up: not a floor)
+    "L2ViT-T 224 odd half": ("l2vit_tiny", (300, 412), (256, 351), (16, 64, 224, 224)),
     # a portrait image: the long side is the height, int(256 * 301 / 211) = 365, crop 70.5 -> 70
     "L2ViT-T 224 portrait": ("l2vit_tiny", (301, 211), (365, 256), (70, 16, 224, 224)),
     # L2ViT at 384: a warp to 384 x 384, nothing cropped
@@ -144,6 +146,12 @@ def test_l2vit_evaluation_settings():
         built = fl.L2ViT(fl.L2ViTConfig(img_size=size, dims=(16, 32, 64, 128),
                                         depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)))
         assert fl.eval_transform(built) == fl.eval_transform(name), f"[{name}] class-built"
+    # from 384 on its longer side the warp, which takes any H x W (the centre crop needs a square)
+    built = fl.L2ViT(fl.L2ViTConfig(img_size=(384, 256), dims=(16, 32, 64, 128),
+                                    depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)))
+    t = fl.eval_transform(built)
+    assert (t.size, t.crop_mode, t.crop_pct) == ((384, 256), "squash", 1.0), \
+        f"[L2ViT built for 384x256] {t}"
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -170,6 +170,11 @@ def test_stop_early(name, models, x):
         assert torch.equal(final, expected), f"{case}: final features are not stage 1's tokens"
         expected_map = every[1] if 1 not in NORMED[name] else taps.maps(name, [1])[1]
         assert_close(maps[0], expected_map, f"{case} map", 1e-6, 1e-7)
+        # a negative index counts from the end: [0, -(n - 1)] stops after stage 1, with its map
+        _, maps = m.forward_intermediates(x, indices=[0, 1 - n], stop_early=True)
+        assert len(maps) == 2 and torch.equal(maps[0], every[0]) and \
+            torch.equal(maps[1], every[1]), \
+            f"[{name} indices=[0, {1 - n}] stop_early=True] {len(maps)} maps, not stages 0 and 1"
         final, _ = m.forward_intermediates(x, indices=[n - 1], stop_early=True)
         assert_close(final, m.forward_features(x), f"[{name} stop_early at the last index] final",
                      1e-6, 1e-7)

@@ -439,6 +439,15 @@ SMALL = dict(dims=(16, 32, 32, 64), depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4),
              window_size=3)
 
 
+def test_drop_path_rises_over_the_blocks_as_officially():
+    """Stochastic depth from 0 at the first block to drop_path_rate at the last, linearly over
+    all blocks in stage order (the official torch.linspace(0, rate, sum(depths)))."""
+    m = fl.create_model("l2vit_tiny", drop_path_rate=0.3, **SMALL)
+    got = [blk.drop_path.drop_prob for stage in m.stages for blk in stage]
+    expected = [0.3 * i / 7 for i in range(8)]
+    assert got == pytest.approx(expected), f"[l2vit depths (2, 2, 2, 2), rate 0.3] {got}"
+
+
 def test_one_training_step_at_odd_size():
     """50 x 70: stage grids 13x18, 7x9, 4x5, 2x3, none a multiple of the window 3. Every parameter
     gets a finite gradient and SGD moves it; the BatchNorm statistics update."""

@@ -306,6 +306,9 @@ CSWIN = ["cswin_base", "cswin_small", "cswin_tiny", "flatten_cswin_base", "flatt
     ("[cs]win_tiny", ["swin_tiny"]),
     ("sw", []),                                       # part of a word: nothing
     ("swin_tiny_x", []),
+    ("pvt.v2_b0", []),                                # literal: no regular expression
+    ("swin|deit", []),
+    ("(", []),
 ])
 def test_list_models_patterns(pattern, expected):
     assert fl.list_models(pattern) == expected, f"list_models({pattern!r})"
@@ -693,6 +696,10 @@ BAD_INPUT = [
      r"no config field pretrained \(weights: checkpoint=path\)"),
     ("softmax-pvt-below-its-reduction", lambda: fl.create_model("pvt_v2_b0", depths=(1, 1, 1, 1))(
         torch.zeros(1, 3, 16, 16)), r"at least 29x29 pixels"),
+    # stage 1 without blocks reduces nothing: 25 leaves stage 2 its 4x4 for sr_ratio 4 (by hand:
+    # 25 -> 7 -> 4 -> 2 -> 1; 24 -> 6 -> 3)
+    ("softmax-pvt-empty-stage-1", lambda: fl.create_model("pvt_v2_b0", depths=(0, 1, 1, 1))(
+        torch.zeros(1, 3, 24, 24)), r"at least 25x25 pixels"),
     ("unknown-field", lambda: fl.create_model("flatten_pvt_tiny", embed_dim=3),
      r"no config field embed_dim"),
 ] + [
